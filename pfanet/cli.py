@@ -1,0 +1,140 @@
+"""The `pfanet` command line. Each subcommand parses its arguments and calls the library; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+
+
+def add_train(sub) -> None:
+    from .recipes import RECIPES
+
+    p = sub.add_parser(
+        "train", help="train PFANet",
+        description="Train PFANet with a named recipe; every recipe value can be overridden. Runs under torchrun "
+                    "for several processes (DistributedDataParallel; only rank 0 writes).",
+        epilog="recipes:\n" + "\n".join(f"  {k}: {r.description}" for k, r in RECIPES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, metavar="LIST_OR_DIR",
+                   help="training data: list files ('image mask' per line) or benchmark folders")
+    p.add_argument("--val", nargs="*", default=[], metavar="LIST_OR_DIR", help="validation data (MAE, max F)")
+    p.add_argument("-o", "--out", required=True, help="run folder (checkpoints, logs)")
+    p.add_argument("--recipe", default="cpu-ecssd", choices=sorted(RECIPES), help="named recipe (default cpu-ecssd)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+    g = p.add_argument_group("recipe overrides")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float, help="base learning rate (later stages scale with it)")
+    g.add_argument("--alpha", type=float, help="edge loss weight alpha for every stage")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--size", type=int, help="training resolution (multiple of 32)")
+    g.add_argument("--lr-decay", choices=["none", "official", "cosine"])
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--norm", choices=["per-image", "batch"])
+    g.add_argument("--edge-mode", choices=["relu", "abs"], help="relu (official) or abs (paper Eq. 9)")
+    g.add_argument("--backbone", help="hed | imagenet | a .weights.h5 / torchvision .pth / .safetensors file")
+    g.add_argument("--freeze-blocks", type=int, help="keep VGG blocks 1..N fixed")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--saturation", action=argparse.BooleanOptionalAction, default=None,
+                   help="the paper's saturation jitter")
+    m = p.add_argument_group("mechanics")
+    m.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default 1)")
+    m.add_argument("--save-every", type=int, default=5, help="keep epoch_N.safetensors every N epochs (default 5)")
+    m.add_argument("--save-steps", type=int, default=0,
+                   help="also checkpoint every N steps within an epoch (default 0: epoch ends only)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes (default 2)")
+    m.add_argument("--cache", action="store_true", help="keep decoded images in memory")
+    m.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps in this process")
+    m.add_argument("--limit", type=int, help="use only the first N training pairs")
+    m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    m.add_argument("--compile", action="store_true", help="torch.compile the network")
+    m.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on a GPU")
+    m.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; default: on a GPU")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    from .recipes import RECIPES
+    from .train import TrainOptions, train
+
+    recipe = RECIPES[args.recipe].override(
+        epochs=args.epochs, lr=args.lr, alpha=args.alpha, batch_size=args.batch_size, size=args.size,
+        lr_decay=args.lr_decay, momentum=args.momentum, weight_decay=args.weight_decay, dropout=args.dropout,
+        norm=args.norm, edge_mode=args.edge_mode, backbone=args.backbone, freeze_blocks=args.freeze_blocks,
+        augment=args.augment, saturation=args.saturation)
+    if args.resume:
+        import json
+        import pathlib
+
+        saved = pathlib.Path(args.out) / "recipe.json"
+        if saved.is_file() and all(v is None for v in (args.epochs, args.lr, args.alpha, args.batch_size, args.size)):
+            from .recipes import Recipe
+
+            recipe = Recipe.from_dict(json.loads(saved.read_text()))  # resume exactly what was started
+    print(f"recipe {recipe.name}:\n{recipe.to_json()}", file=sys.stderr)
+    opts = TrainOptions(
+        train=args.data, out=args.out, val=args.val, val_every=args.val_every, save_every=args.save_every,
+        save_steps=args.save_steps,
+        resume=args.resume, seed=args.seed, workers=args.workers, cache=args.cache, max_steps=args.max_steps,
+        device=args.device, compile=args.compile, channels_last=args.channels_last, bf16=args.bf16, limit=args.limit)
+    out = train(recipe, opts)
+    print(f"run folder: {out}", file=sys.stderr)
+    return 0
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="official Keras .h5 -> pfanet .safetensors",
+                       description="Convert an official PFANet Keras-2 checkpoint (PFA_00050.h5, weights-only or full "
+                                   "model) into pfanet's safetensors format, listing each matched layer. A missing, "
+                                   "unexpected or mis-shaped layer is an error that names it.")
+    p.add_argument("input", help="official .h5 file")
+    p.add_argument("output", help="output .safetensors file")
+    p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not list the matched layers")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> int:
+    import torch
+
+    from .transforms import OFFICIAL_INPUT
+    from .weights import load_official_h5, save_checkpoint
+
+    model, report = load_official_h5(args.input)
+    if not args.quiet:
+        print("\n".join(report))
+    save_checkpoint(args.output, model, OFFICIAL_INPUT, {"converted_from": str(args.input)},
+                    dtype=torch.float16 if args.fp16 else torch.float32)
+    print(f"{len(report)} layers matched; wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pfanet", description="PFANet salient object detection: train, evaluate, predict, serve, export.")
+    parser.add_argument("--version", action="version", version=f"pfanet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_train, add_convert):
+        add(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from .io import ImageError
+    from .weights import WeightsError
+    from .data import DataError
+
+    try:
+        return args.func(args)
+    except (WeightsError, ImageError, DataError, FileNotFoundError) as e:
+        print(f"pfanet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Training and evaluation data: list files and benchmark folders, the official augmentation, a fault-tolerant
+Dataset whose bad pairs are reported and skipped."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from .io import ImageError, list_images, load_image, load_mask
+from .transforms import InputSpec, normalise, pad_to_square, resize
+
+log = logging.getLogger(__name__)
+
+# (image folder, mask folder) name pairs of the common benchmark layouts, matched case-insensitively.
+FOLDER_LAYOUTS = (("images", "masks"), ("image", "mask"), ("imgs", "gt"), ("img", "gt"), ("im", "gt"),
+                  ("images", "gt"), ("image", "gt"), ("images", "labels"))
+
+
+class DataError(ValueError):
+    """A data source that cannot be used at all (a bad pair is skipped instead)."""
+
+
+Pair = tuple[pathlib.Path, pathlib.Path]
+
+
+def read_list_file(path: str | os.PathLike) -> list[Pair]:
+    """Official format: one "image_path mask_path" per line, paths relative to the list file's folder."""
+    path = pathlib.Path(path)
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        # Paths with spaces: "a b.jpg a b.png" is ambiguous, so a tab separates them when present.
+        parts = line.split("\t") if "\t" in line else line.split()
+        if len(parts) != 2:
+            raise DataError(f"{path}:{n}: expected 'image mask', got {line!r}")
+        pairs.append(tuple(path.parent / p for p in parts))
+    return pairs
+
+
+def find_folder_pairs(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path] | None:
+    """The (images, masks) folders of a benchmark folder: DUTS-style *-Image/*-Mask or a known name pair."""
+    subdirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir()}
+    for name, d in subdirs.items():
+        if name.endswith("-image"):
+            m = subdirs.get(name[: -len("-image")] + "-mask")
+            if m:
+                return d, m
+    for img, mask in FOLDER_LAYOUTS:
+        if img in subdirs and mask in subdirs:
+            return subdirs[img], subdirs[mask]
+    return None
+
+
+def pair_by_stem(images: list[pathlib.Path], masks: list[pathlib.Path], source: str) -> list[Pair]:
+    by_stem = {m.stem: m for m in masks}
+    pairs = [(i, by_stem[i.stem]) for i in images if i.stem in by_stem]
+    unmatched = len(images) - len(pairs)
+    if unmatched:
+        log.warning("%s: %d images have no mask of the same name and are left out", source, unmatched)
+    return pairs
+
+
+def read_pairs(source: str | os.PathLike) -> list[Pair]:
+    """Pairs from a list file, or a benchmark folder (images and masks paired by file stem)."""
+    source = pathlib.Path(source)
+    if source.is_file():
+        pairs = read_list_file(source)
+    elif source.is_dir():
+        found = find_folder_pairs(source)
+        if found is None:
+            raise DataError(f"{source}: no image/mask folders found (expected e.g. DUTS-TE-Image + DUTS-TE-Mask, "
+                            "images + masks, Imgs + GT)")
+        pairs = pair_by_stem(list_images(found[0]), list_images(found[1]), str(source))
+    else:
+        raise DataError(f"{source}: no such list file or folder")
+    if not pairs:
+        raise DataError(f"{source}: no image/mask pairs")
+    return pairs
+
+
+def dataset_name(source: str | os.PathLike) -> str:
+    """A short name for reports: the folder name, or for ecssd/val.txt "ecssd-val"."""
+    p = pathlib.Path(source)
+    return f"{p.parent.name}-{p.stem}" if p.is_file() else p.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """The official augmentation; `saturation` adds the paper's colour jitter, absent from the official code."""
+
+    crop_flip: bool = True
+    rotate: int = 25  # random integer angle in [-rotate, rotate); 0 disables
+    contrast: tuple[float, float] = (0.5, 1.5)
+    brightness: int = 20
+    saturation: tuple[float, float] | None = None
+
+    def __call__(self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if self.crop_flip:
+            img, mask = random_crop_flip(img, mask, rng)
+        if self.rotate:
+            img, mask = random_rotate(img, mask, rng, self.rotate)
+        img = img.astype(np.float32)
+        if self.saturation:
+            pil = Image.fromarray(img.astype(np.uint8))
+            img = np.asarray(ImageEnhance.Color(pil).enhance(rng.uniform(*self.saturation)), np.float32)
+        img = img * rng.uniform(*self.contrast) + rng.integers(-self.brightness, self.brightness)
+        return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def random_crop_flip(img, mask, rng):
+    """Remove fewer than h/8 rows and w/8 columns in total (at a random offset), then flip with p = 0.5."""
+    h, w = mask.shape
+    dh, dw = rng.integers(max(1, h // 8)), rng.integers(max(1, w // 8))
+    top = rng.integers(dh) if dh else 0
+    left = rng.integers(dw) if dw else 0
+    img, mask = img[top : top + h - dh, left : left + w - dw], mask[top : top + h - dh, left : left + w - dw]
+    if rng.integers(10) >= 5:
+        img, mask = img[:, ::-1], mask[:, ::-1]
+    return np.ascontiguousarray(img), np.ascontiguousarray(mask)
+
+
+def random_rotate(img, mask, rng, max_angle):
+    """Rotate by a random integer angle in [-max_angle, max_angle) about the centre, black border, same for both."""
+    angle = float(rng.integers(-max_angle, max_angle))
+    if angle == 0:
+        return img, mask
+    img = np.asarray(Image.fromarray(img).rotate(angle, resample=Image.BILINEAR))
+    mask = np.asarray(Image.fromarray(mask.astype(np.float32), mode="F").rotate(angle, resample=Image.BILINEAR))
+    return img, mask
+
+
+def training_sample(img: np.ndarray, mask: np.ndarray, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W, 3) uint8 + (H, W) mask in [0, 1] -> network input and target at spec.size (official: the image
+    bilinear, the mask nearest)."""
+    x = resize(torch.from_numpy(pad_to_square(normalise(img, spec)))[None], spec.size)[0]
+    y = torch.from_numpy(pad_to_square(mask.astype(np.float32)[None]))[None]
+    y = torch.nn.functional.interpolate(y, size=(spec.size, spec.size), mode="nearest")[0]
+    return x, y
+
+
+def normalise_mask(mask: np.ndarray) -> np.ndarray:
+    """mask / mask.max() as the official code; an all-zero mask stays zero (the official code divides by zero)."""
+    mask = mask.astype(np.float32)
+    top = mask.max()
+    return mask / top if top > 0 else mask
+
+
+class SaliencyDataset(torch.utils.data.Dataset):
+    """Image/mask pairs -> (input, target, error). A pair that cannot be used yields error = "path: problem" and
+    empty tensors; `collate` drops it, so a long run reports it and goes on.
+
+    Augmentation randomness comes from (seed, epoch, index), so a resumed run sees the same samples.
+    """
+
+    def __init__(self, pairs: list[Pair], spec: InputSpec, augment: Augment | None = None, seed: int = 0,
+                 cache: bool = False):
+        self.pairs, self.spec, self.augment, self.seed = pairs, spec, augment, seed
+        self.epoch = 0
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        img_path, mask_path = self.pairs[i]
+        img, mask = load_image(img_path), load_mask(mask_path)
+        if img.shape[:2] != mask.shape:
+            raise ImageError(f"{img_path}: image is {img.shape[1]}x{img.shape[0]} but its mask {mask_path} is "
+                             f"{mask.shape[1]}x{mask.shape[0]}")
+        if self.cache is not None:
+            self.cache[i] = (img, mask)  # per worker process: persistent_workers keeps it across epochs
+        return img, mask
+
+    def __getitem__(self, i: int):
+        try:
+            img, mask = self.load(i)
+        except (ImageError, OSError) as e:
+            return torch.empty(0), torch.empty(0), str(e)
+        mask = normalise_mask(mask)
+        if self.augment is not None:
+            img, mask = self.augment(img, mask, np.random.default_rng([self.seed, self.epoch, i]))
+        x, y = training_sample(img, mask, self.spec)
+        return x, y, None
+
+
+def collate(batch):
+    """Stack the good samples; return the errors of the bad ones beside them."""
+    good = [(x, y) for x, y, err in batch if err is None]
+    errors = [err for _, _, err in batch if err is not None]
+    if not good:
+        return None, None, errors
+    xs, ys = zip(*good)
+    return torch.stack(xs), torch.stack(ys), errors

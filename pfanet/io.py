@@ -1,0 +1,92 @@
+"""Image and mask decoding: the one place where files become arrays."""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
+# Images above this many pixels are refused before decoding (a decompression bomb would otherwise exhaust memory).
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None  # we check ourselves, with a clearer message than PIL's warning/error
+
+
+class ImageError(ValueError):
+    """An input that cannot be decoded; the message names the file and the problem."""
+
+
+def _open(source: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    except FileNotFoundError as e:
+        raise ImageError(f"{name}: no such file") from e
+    except IsADirectoryError as e:
+        raise ImageError(f"{name}: is a directory") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{name}: not an image (or an unsupported format)") from e
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read ({e})") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,}")
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: empty image ({w}x{h})")
+    return img
+
+
+def _decode(img: Image.Image, name: str) -> Image.Image:
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise ImageError(f"{name}: corrupt or truncated image ({e})") from e
+    return img
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> (H, W, 3) uint8 RGB. Alpha is dropped (composited on black, as OpenCV reads it), 16-bit
+    data is scaled to 8 bits, CMYK and palettes are converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = np.clip(a * (255.0 if a.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        a = np.asarray(img, dtype=np.uint16)
+        return (a[:, :, :3] * a[:, :, 3:] // 255).astype(np.uint8)
+    return np.asarray(img.convert("RGB"))
+
+
+def load_image(source: str | os.PathLike | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS
+               ) -> np.ndarray:
+    """Decode an image file or encoded bytes into (H, W, 3) uint8 RGB, EXIF orientation applied."""
+    name = name or (str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>")
+    img = _decode(_open(source, name, max_pixels), name)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not lose an otherwise good image
+        pass
+    return to_rgb(img)
+
+
+def load_mask(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a ground-truth mask into (H, W) uint8 (channel 0 of a colour mask, as the official code)."""
+    name = str(path)
+    img = _decode(_open(path, name, max_pixels), name)
+    if img.mode in ("L", "1", "P"):
+        return np.asarray(img.convert("L"))
+    return to_rgb(img)[:, :, 0]
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[pathlib.Path]:
+    folder = pathlib.Path(folder)
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))

