@@ -1,0 +1,39 @@
+"""Shared fixtures. Real data comes from ../shared/data/ecssd beside the repository; tests that need it skip cleanly
+when it is absent."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ECSSD = REPO.parent / "shared" / "data" / "ecssd"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def ecssd() -> pathlib.Path:
+    """The ECSSD folder (images/, masks/, train.txt, val.txt, test.txt). Tests must never read test.txt."""
+    if not (ECSSD / "train.txt").is_file():
+        pytest.skip(f"ECSSD data not found at {ECSSD}")
+    return ECSSD
+
+
+@pytest.fixture(scope="session")
+def ecssd_pairs(ecssd):
+    """A function n -> the first n (image, mask) pairs of ECSSD train.txt, as absolute paths."""
+    from pfanet.data import read_list_file
+
+    pairs = read_list_file(ecssd / "train.txt")
+    return lambda n: pairs[:n]
+
+
+@pytest.fixture(scope="session")
+def ecssd_val_pairs(ecssd):
+    from pfanet.data import read_list_file
+
+    pairs = read_list_file(ecssd / "val.txt")
+    return lambda n: pairs[:n]
