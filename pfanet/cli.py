@@ -115,13 +115,103 @@ def run_convert(args) -> int:
     return 0
 
 
+def add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="score a model, or folders of maps, with the SOD metrics",
+        description="Score (a) a model on datasets (--data) or (b) folders of any methods' maps against masks "
+                    "(--maps --masks, paired by file stem). Metrics are pysodmetrics': MAE, max/mean/adaptive F "
+                    "(beta^2 = 0.3), maxF_pr (max F of mean precision and recall, the MATLAB toolbox's), S-measure, "
+                    "max/mean/adaptive E-measure, weighted F. A map of another size than its mask is resized to it; "
+                    "a missing or unreadable file is reported and skipped.")
+    src = p.add_argument_group("what to score (--data or --maps)")
+    src.add_argument("--data", nargs="+", metavar="LIST_OR_DIR",
+                     help="datasets for a model: list files ('image mask' per line) or benchmark folders")
+    src.add_argument("--weights", help="model weights for --data (default: the shipped model)")
+    src.add_argument("--name", help="the model's name in the report (default: the weights file's stem)")
+    src.add_argument("--maps", nargs="+", metavar="[NAME=]DIR", help="folders of maps, one per method")
+    src.add_argument("--masks", metavar="DIR_OR_LIST",
+                     help="masks for --maps: a folder of masks, a benchmark folder, or a list file (only its masks)")
+    src.add_argument("--dataset", help="dataset name for --maps (default: from the masks folder)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", help="write {method: {dataset: {metric: value, n}}}")
+    out.add_argument("--table", metavar="FILE", help="write a Markdown (.md) or CSV (.csv) table")
+    out.add_argument("--plots", metavar="DIR", help="write PR and F-measure-vs-threshold curves (PNG) per dataset")
+    out.add_argument("--save-maps", metavar="DIR", help="with --data: keep the maps as DIR/<dataset>/<stem>.png")
+    m = p.add_argument_group("mechanics")
+    m.add_argument("--workers", type=int, default=2, help="scoring processes (default 2; 0: in this process)")
+    m.add_argument("--limit", type=int, help="with --data: only the first N pairs of each dataset")
+    m.add_argument("--device", help="with --data: cpu, cuda, ... (default: cuda when present)")
+    m.add_argument("--batch-size", type=int, default=4, help="with --data: images per forward pass (default 4)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    import pathlib
+
+    from . import evaluate as ev
+
+    def fail(msg: str) -> int:
+        print(f"pfanet evaluate: error: {msg}", file=sys.stderr)
+        return 2
+
+    if bool(args.data) == bool(args.maps):
+        return fail("give either --data (a model on datasets) or --maps with --masks (folders of maps)")
+    if args.maps and not args.masks:
+        return fail("--maps needs --masks")
+    if args.maps and (args.weights or args.save_maps or args.limit):
+        return fail("--weights, --save-maps and --limit go with --data, not --maps")
+    if args.table and pathlib.Path(args.table).suffix.lower() not in (".md", ".markdown", ".csv"):
+        return fail(f"{args.table}: the table is Markdown (.md) or CSV (.csv), by extension")
+    progress = not args.no_progress
+    if args.data:
+        from .data import dataset_name, read_pairs
+        from .predictor import DEFAULT_WEIGHTS, Predictor
+
+        if args.weights is None and not DEFAULT_WEIGHTS.is_file():
+            return fail(f"no --weights given and the shipped model {DEFAULT_WEIGHTS} is not installed")
+        datasets = {}
+        for source in args.data:
+            name = dataset_name(source)
+            if name in datasets:
+                return fail(f"two datasets are both named {name!r}")
+            datasets[name] = read_pairs(source)[: args.limit]
+        predictor = Predictor(args.weights, device=args.device, batch_size=args.batch_size)
+        name = args.name or pathlib.Path(args.weights or DEFAULT_WEIGHTS).stem.removesuffix(".weights")
+        report = ev.evaluate_model(predictor, datasets, name, workers=args.workers, save_maps=args.save_maps,
+                                   progress=progress)
+    else:
+        methods = {}
+        for spec in args.maps:
+            name, folder = ev.parse_method(spec)
+            if name in methods:
+                return fail(f"two methods are both named {name!r} (name them: NAME=DIR)")
+            methods[name] = folder
+        report = ev.evaluate_folders(methods, args.masks, args.dataset, workers=args.workers, progress=progress)
+    print(ev.format_table(report), end="")
+    skipped = sum(s.skipped for ds in report.values() for s in ds.values())
+    if skipped:
+        print(f"{skipped} maps or masks skipped (missing or unreadable; listed above)", file=sys.stderr)
+    if args.json:
+        ev.write_json(report, args.json)
+    if args.table:
+        ev.write_table(report, args.table)
+    if args.plots:
+        from .plots import plot_curves
+
+        for path in plot_curves(report, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
+    scored = sum(s.n for ds in report.values() for s in ds.values())
+    return 0 if scored else fail("no image could be scored")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pfanet", description="PFANet salient object detection: train, evaluate, predict, serve, export.")
     parser.add_argument("--version", action="version", version=f"pfanet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_train, add_convert):
+    for add in (add_train, add_convert, add_evaluate):
         add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
