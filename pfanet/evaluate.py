@@ -41,7 +41,8 @@ METRIC_FAMILY = {"mae": "mae", "maxF": "fm", "maxF_pr": "fm", "meanF": "fm", "ad
 METRICS = tuple(METRIC_FAMILY)
 FAMILIES = ("mae", "fm", "sm", "em", "wfm")
 # Folder names that say "the masks of a dataset" rather than naming the dataset.
-GENERIC_MASK_DIRS = {"masks", "mask", "gt", "gts", "groundtruth", "ground_truth", "ground-truth", "labels", "annotation"}
+GENERIC_MASK_DIRS = {"masks", "mask", "gt", "gts", "groundtruth", "ground_truth", "ground-truth", "labels",
+                     "annotation"}
 CHUNK = 8  # images per task sent to a worker process
 
 
@@ -406,7 +407,8 @@ def evaluate_folders(methods: dict[str, str | os.PathLike], masks: str | os.Path
         maps = {p.stem: p for p in list_images(folder)}
         extra = len(set(maps) - mask_stems)
         if extra:
-            log.warning("%s: %d maps in %s have no mask of the same name and are ignored", method, extra, folder)
+            log.warning("%s: %d maps in %s are not among the masks (by file stem) and are ignored", method, extra,
+                        folder)
         jobs[(method, dataset)] = [MapJob(mask=m, map=maps[m.stem], label=str(maps[m.stem])) if m.stem in maps
                                    else f"{folder / m.stem}.*: no map for mask {m}" for m in mask_files]
     chunks = (c for key, js in jobs.items() for c in _chunked(key, js))

@@ -134,7 +134,7 @@ def test_map_of_another_size_is_resized_with_a_warning(maps, tmp_path, caplog):
     root, masks = maps
     small = tmp_path / "small"
     small.mkdir()
-    first = sorted(masks.iterdir())[0]
+    first = min(masks.iterdir())
     for m in sorted(masks.iterdir()):
         pred = read_gray(root / "blur" / f"{m.stem}.png")
         if m == first:
