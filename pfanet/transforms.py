@@ -110,6 +110,13 @@ def postprocess(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 
 def edge_map(saliency: np.ndarray) -> np.ndarray:
-    """Display edges of a uint8 map: relu(tanh(Laplace(map / 255))) x 255, as the official demo."""
-    m = torch.from_numpy(saliency.astype(np.float32) / 255)[None, None]
-    return (laplace_edges(m)[0, 0] * 255).round().to(torch.uint8).numpy()
+    """Display edges of a uint8 map: relu(tanh(Laplace(map / 255))) x 255, as the official demo.
+
+    The demo filters with cv2.filter2D, whose border mirrors the map (BORDER_REFLECT_101, torch's "reflect"), not
+    the zero padding of the loss, and casts to uint8 (truncating); both are kept, so borders match the demo.
+    """
+    m = torch.from_numpy(saliency.astype(np.float64) / 255)[None, None]
+    for pad, size in (((1, 1, 0, 0), m.shape[-1]), ((0, 0, 1, 1), m.shape[-2])):
+        m = F.pad(m, pad, mode="reflect" if size > 1 else "replicate")  # a 1-pixel side mirrors onto itself
+    edges = laplace_edges(m)[0, 0, 1:-1, 1:-1]  # interior of the padded map: the zero padding never reaches it
+    return torch.floor(edges * 255).to(torch.uint8).numpy()
