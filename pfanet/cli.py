@@ -22,12 +22,15 @@ def add_train(sub) -> None:
                    help="training data: list files ('image mask' per line) or benchmark folders")
     p.add_argument("--val", nargs="*", default=[], metavar="LIST_OR_DIR", help="validation data (MAE, max F)")
     p.add_argument("-o", "--out", required=True, help="run folder (checkpoints, logs)")
-    p.add_argument("--recipe", default="cpu-ecssd", choices=sorted(RECIPES), help="named recipe (default cpu-ecssd)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its state.pt")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="named recipe (default cpu-ecssd)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its state.pt, with its recipe.json and seed")
     g = p.add_argument_group("recipe overrides")
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help="total epochs (the stages are stretched to fit)")
     g.add_argument("--lr", type=float, help="base learning rate (later stages scale with it)")
     g.add_argument("--alpha", type=float, help="edge loss weight alpha for every stage")
+    g.add_argument("--stages", metavar="UNTIL:ALPHA:LR,...",
+                   help="the stages in full, e.g. 25:1.0:1e-2,50:0.7:1e-3 (the paper's)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--size", type=int, help="training resolution (multiple of 32)")
     g.add_argument("--lr-decay", choices=["none", "official", "cosine"])
@@ -41,12 +44,14 @@ def add_train(sub) -> None:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--saturation", action=argparse.BooleanOptionalAction, default=None,
                    help="the paper's saturation jitter")
+    g.add_argument("--ca-regulariser", action=argparse.BooleanOptionalAction, default=None,
+                   help="the official activity regulariser on the channel attention")
     m = p.add_argument_group("mechanics")
     m.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default 1)")
     m.add_argument("--save-every", type=int, default=5, help="keep epoch_N.safetensors every N epochs (default 5)")
     m.add_argument("--save-steps", type=int, default=0,
                    help="also checkpoint every N steps within an epoch (default 0: epoch ends only)")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, help="default 0; on --resume the run's own")
     m.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes (default 2)")
     m.add_argument("--cache", action="store_true", help="keep decoded images in memory")
     m.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps in this process")
@@ -56,36 +61,36 @@ def add_train(sub) -> None:
     m.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on a GPU")
     m.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; default: on a GPU")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
 
 def run_train(args) -> int:
-    from .recipes import RECIPES
-    from .train import TrainOptions, train
+    """Exit status: 0 done (or --max-steps reached), 2 bad arguments or data, 3 the loss became NaN/Inf,
+    128 + N stopped by signal N (SIGINT 130, SIGTERM 143) with a checkpoint to --resume from."""
+    from .train import Trainer, TrainingStopped, TrainOptions, recipe_for_run
 
-    recipe = RECIPES[args.recipe].override(
-        epochs=args.epochs, lr=args.lr, alpha=args.alpha, batch_size=args.batch_size, size=args.size,
-        lr_decay=args.lr_decay, momentum=args.momentum, weight_decay=args.weight_decay, dropout=args.dropout,
-        norm=args.norm, edge_mode=args.edge_mode, backbone=args.backbone, freeze_blocks=args.freeze_blocks,
-        augment=args.augment, saturation=args.saturation)
-    if args.resume:
-        import json
-        import pathlib
-
-        saved = pathlib.Path(args.out) / "recipe.json"
-        if saved.is_file() and all(v is None for v in (args.epochs, args.lr, args.alpha, args.batch_size, args.size)):
-            from .recipes import Recipe
-
-            recipe = Recipe.from_dict(json.loads(saved.read_text()))  # resume exactly what was started
-    print(f"recipe {recipe.name}:\n{recipe.to_json()}", file=sys.stderr)
+    fields = ("epochs", "lr", "alpha", "stages", "batch_size", "size", "lr_decay", "momentum", "weight_decay",
+              "dropout", "norm", "edge_mode", "backbone", "freeze_blocks", "augment", "saturation", "ca_regulariser")
+    overrides = {k: getattr(args, k) for k in fields}
     opts = TrainOptions(
         train=args.data, out=args.out, val=args.val, val_every=args.val_every, save_every=args.save_every,
-        save_steps=args.save_steps,
-        resume=args.resume, seed=args.seed, workers=args.workers, cache=args.cache, max_steps=args.max_steps,
-        device=args.device, compile=args.compile, channels_last=args.channels_last, bf16=args.bf16, limit=args.limit)
-    out = train(recipe, opts)
-    print(f"run folder: {out}", file=sys.stderr)
-    return 0
+        save_steps=args.save_steps, resume=args.resume, seed=args.seed, workers=args.workers, cache=args.cache,
+        max_steps=args.max_steps, device=args.device, compile=args.compile, channels_last=args.channels_last,
+        bf16=args.bf16, limit=args.limit, progress=not args.no_progress)
+    try:
+        recipe = recipe_for_run(args.recipe, overrides, args.out, args.resume)
+        print(f"recipe {recipe.name}:\n{recipe.to_json()}", file=sys.stderr)
+        trainer = Trainer(recipe, opts)
+        trainer.run()
+    except ValueError as e:  # a recipe or option that cannot work, named in the message
+        print(f"pfanet train: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"pfanet train: {e}", file=sys.stderr)
+        return 3
+    print(f"run folder: {args.out}", file=sys.stderr)
+    return 128 + trainer.stopped_by if trainer.stopped_by else 0
 
 
 def add_convert(sub) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+
+LR_DECAYS = ("none", "official", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,13 +19,29 @@ class Stage:
     lr: float
 
 
+def parse_stages(text: str) -> tuple[Stage, ...]:
+    """"UNTIL:ALPHA:LR,..." -> stages, e.g. "25:1.0:1e-2,50:0.7:1e-3" (the paper's two stages)."""
+    stages = []
+    for part in text.split(","):
+        fields = part.strip().split(":")
+        if len(fields) != 3:
+            raise ValueError(f"stage {part!r}: expected UNTIL:ALPHA:LR, e.g. 25:1.0:1e-2")
+        stages.append(Stage(int(fields[0]), float(fields[1]), float(fields[2])))
+    return tuple(stages)
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
+    """Everything that decides what a training run computes (the mechanics, such as workers, live elsewhere).
+
+    `batch_size` is per process: under torchrun with N processes the global batch is N x batch_size.
+    """
+
     name: str
     stages: tuple[Stage, ...]
     batch_size: int
     size: int = 256
-    lr_decay: str = "none"  # "none" | "official": lr * 0.5 ** floor((epoch + 1) / 6.25) | "cosine" over the run
+    lr_decay: str = "none"  # see `lr`
     momentum: float = 0.9
     weight_decay: float = 0.0
     dropout: bool = True
@@ -35,6 +54,29 @@ class Recipe:
     saturation: bool = False  # the paper's saturation jitter (not in the official code)
     description: str = ""
 
+    def __post_init__(self):
+        problems = []
+        if not self.stages:
+            problems.append("no stages")
+        ends = [s.until for s in self.stages]
+        if any(b < a for a, b in itertools.pairwise(ends)) or (ends and ends[-1] < 1):
+            problems.append(f"stage ends {ends} must be non-decreasing and reach at least 1 epoch")
+        for s in self.stages:
+            if not 0.0 <= s.alpha <= 1.0:
+                problems.append(f"alpha {s.alpha} is outside [0, 1]")
+            if not s.lr > 0:
+                problems.append(f"learning rate {s.lr} must be positive")
+        if self.batch_size < 1:
+            problems.append(f"batch_size {self.batch_size} must be at least 1")
+        if self.size < 32 or self.size % 32:
+            problems.append(f"size {self.size} must be a positive multiple of 32")
+        if self.lr_decay not in LR_DECAYS:
+            problems.append(f"lr_decay {self.lr_decay!r} is not one of {LR_DECAYS}")
+        if not 0 <= self.freeze_blocks <= 5:
+            problems.append(f"freeze_blocks {self.freeze_blocks} is outside 0..5")
+        if problems:
+            raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems))
+
     @property
     def epochs(self) -> int:
         return self.stages[-1].until
@@ -46,14 +88,18 @@ class Recipe:
         return self.stages[-1]
 
     def lr(self, epoch: int) -> float:
-        """Learning rate of a (0-based) epoch."""
+        """Learning rate of a (0-based) epoch: the stage's base rate, decayed by `lr_decay`:
+
+        - "none": constant within a stage;
+        - "official": the official train.py's step decay, lr * 0.5 ** floor((epoch + 1) / (epochs / 8)) (halved
+          8 times over the run; with its 50 epochs, every 6.25);
+        - "cosine": lr * (1 + cos(pi * epoch / epochs)) / 2 over the whole run.
+        """
         s = self.stage(epoch)
         if self.lr_decay == "official":
-            return s.lr * 0.5 ** math.floor((epoch + 1) / 6.25)
+            return s.lr * 0.5 ** math.floor((epoch + 1) / (self.epochs / 8))
         if self.lr_decay == "cosine":
             return s.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
-        if self.lr_decay != "none":
-            raise ValueError(f"unknown lr_decay {self.lr_decay!r}")
         return s.lr
 
     def to_dict(self) -> dict:
@@ -63,27 +109,42 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
+    def from_dict(cls, d: dict) -> Recipe:
+        """From `to_dict` output (e.g. a run's recipe.json); fields added later take their defaults."""
         d = dict(d)
         d["stages"] = tuple(Stage(**s) for s in d["stages"])
         return cls(**d)
 
-    def override(self, **changes) -> "Recipe":
-        """A copy with some fields replaced; `epochs`, `alpha` and `lr` reshape the stages."""
+    def override(self, **changes) -> Recipe:
+        """A copy with some fields replaced (None means "keep").
+
+        Besides the fields themselves: `stages` may be a "UNTIL:ALPHA:LR,..." string; `epochs` stretches the stages
+        proportionally to the new length; `alpha` sets one alpha for every stage; `lr` sets the first stage's base
+        rate and scales the later stages' by the same factor (the paper's 1e-2 then 1e-3 keeps its 10x step).
+        """
         changes = {k: v for k, v in changes.items() if v is not None}
-        stages = list(self.stages)
-        if "epochs" in changes:  # stretch the stages proportionally to the new length
+        stages = changes.pop("stages", self.stages)
+        stages = list(parse_stages(stages) if isinstance(stages, str) else stages)
+        if "epochs" in changes:
             total = changes.pop("epochs")
-            ends = [max(1, round(s.until * total / self.epochs)) for s in stages]
+            if total < 1:
+                raise ValueError(f"epochs must be at least 1, got {total}")
+            old = stages[-1].until
+            ends = [min(total, max(1, round(s.until * total / old))) for s in stages]
             ends[-1] = total
             stages = [dataclasses.replace(s, until=e) for s, e in zip(stages, ends)]
-        if "alpha" in changes:  # one alpha for every stage
+        if "alpha" in changes:
             alpha = changes.pop("alpha")
             stages = [dataclasses.replace(s, alpha=alpha) for s in stages]
         if "lr" in changes:
             scale = changes.pop("lr") / stages[0].lr
             stages = [dataclasses.replace(s, lr=s.lr * scale) for s in stages]
         return dataclasses.replace(self, stages=tuple(stages), **changes)
+
+    def differences(self, other: Recipe) -> list[str]:
+        """"field: mine -> other's" for each field that differs (the description aside)."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]} -> {b[k]}" for k in a if k != "description" and a[k] != b[k]]
 
 
 RECIPES = {

@@ -1,11 +1,21 @@
 """Training: recipes, resumable checkpoints, validation, logs; one process or several under torchrun.
 
 A run folder holds:
-    recipe.json          the recipe, as run
-    state.pt             weights + optimizer + scheduler position + RNG state (tensors only, read weights_only=True)
-    last.safetensors     the latest weights in our format; best.safetensors the best on validation
+    recipe.json            the recipe, as run
+    state.pt               weights + optimizer + schedule position + RNG states (tensors and numbers only, read
+                           with weights_only=True), written atomically every epoch, every `save_steps` steps, at
+                           the end and on SIGINT/SIGTERM
+    last.safetensors       the latest weights in our format; best.safetensors the best on validation (max F)
     epoch_NNNN.safetensors every `save_every` epochs
-    log.csv, tb/         per-epoch CSV log and TensorBoard events
+    log.csv, tb/           per-epoch CSV log and TensorBoard events
+
+Reproducibility: the epoch's sample order comes from (seed, epoch), each sample's augmentation from (seed, epoch,
+index) and dropout from a generator seeded with (seed, epoch, rank) and saved mid-epoch, so a run that is stopped and
+resumed ends with exactly the weights of one that was not.
+
+Under torchrun every process takes every world-th sample of the epoch's order and runs `batch_size` of them per step;
+DistributedDataParallel averages the gradients, so N processes at batch b compute what one process at batch N x b
+does. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -19,9 +29,9 @@ import math
 import os
 import pathlib
 import signal
+import threading
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -35,6 +45,8 @@ from .weights import atomic_write, load_backbone, save_checkpoint
 
 log = logging.getLogger(__name__)
 
+LOG_FIELDS = ("epoch", "loss", "lr", "alpha", "images_per_s", "val_mae", "val_maxF")
+
 
 class TrainingStopped(RuntimeError):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
@@ -42,7 +54,7 @@ class TrainingStopped(RuntimeError):
 
 @dataclasses.dataclass
 class TrainOptions:
-    """What a run needs beyond the recipe: data, output, and the mechanics."""
+    """What a run needs beyond the recipe: data, output, and the mechanics (none of which changes the result)."""
 
     train: list[str]
     out: str
@@ -51,21 +63,23 @@ class TrainOptions:
     save_every: int = 5
     save_steps: int = 0  # also write state.pt every N steps within an epoch (0: only at epoch ends)
     resume: bool = False
-    seed: int = 0
+    seed: int | None = None  # None: 0 for a new run, the run's own when resuming
     workers: int = 2
     cache: bool = False
-    max_steps: int | None = None  # stop after this many optimizer steps in this process (tests, probes)
+    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in this process
     device: str | None = None
     compile: bool = False
     channels_last: bool | None = None  # default: on a GPU
     bf16: bool | None = None  # autocast; default: on a GPU
     limit: int | None = None  # use only the first N training pairs
+    progress: bool = True
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """The epoch's permutation from (seed, epoch), this rank's share of it, from a given position onwards.
+    """This rank's share of the epoch's permutation (every world-th index), from a given position onwards.
 
-    Deterministic, so a run resumed mid-epoch sees exactly the batches an uninterrupted one would.
+    The permutation comes from (seed, epoch) alone, so a run resumed mid-epoch sees exactly the batches an
+    uninterrupted one would. The remainder of n / world is dropped so that ranks run the same number of steps.
     """
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
@@ -78,27 +92,26 @@ class EpochSampler(torch.utils.data.Sampler):
     def order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
-        per_rank = self.n // self.world  # drop the remainder so ranks do the same number of steps
-        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return perm[self.rank : self.n - self.n % self.world : self.world]
 
     def __iter__(self):
         return iter(self.order()[self.start :])
 
     def __len__(self) -> int:
-        return len(self.order()) - self.start
+        return max(0, len(self.order()) - self.start)
 
 
-def setup_distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group under torchrun (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops at the end of the step with a
+    checkpoint (a Ctrl-C reaches the whole process group; a worker dying of it would fail the run instead)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def freeze_blocks(model: PFANet, n: int) -> None:
+    """Keep the convolutions of VGG blocks 1..n fixed."""
     for name, conv in model.backbone.convs.items():
-        if int(name[4]) <= n:
+        if int(name[4]) <= n:  # "conv3_1" -> block 3
             conv.requires_grad_(False)
 
 
@@ -117,25 +130,38 @@ def validate(model: PFANet, spec: InputSpec, pairs, device) -> dict[str, float]:
 
 
 class Trainer:
+    """One training run (one process of it under torchrun). `run()` trains to the end of the recipe, or until
+    `max_steps` or a signal, and can be called again on a new Trainer with `resume=True` to continue."""
+
     def __init__(self, recipe: Recipe, opts: TrainOptions):
         self.recipe, self.opts = recipe, opts
-        self.rank, self.world = setup_distributed()
-        self.main = self.rank == 0
+        self.out = pathlib.Path(opts.out)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
         if opts.device:
             self.device = torch.device(opts.device)
         elif torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         else:
             self.device = torch.device("cpu")
+        self.own_group = False
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.own_group = True
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.main = self.rank == 0
         gpu = self.device.type == "cuda"
         self.channels_last = gpu if opts.channels_last is None else opts.channels_last
         self.bf16 = gpu if opts.bf16 is None else opts.bf16
-        self.out = pathlib.Path(opts.out)
-        self.stop_signal: int | None = None
+        self.stopped_by: int | None = None  # the signal that stopped the run
+        self.old_handlers: dict = {}
 
-        torch.manual_seed(opts.seed)
-        config = PFANetConfig(dropout=recipe.dropout, norm=recipe.norm)
-        self.model = PFANet(config)
+        self.state = self.read_state() if opts.resume else None
+        self.seed = self.run_seed()
+
+        torch.manual_seed(self.seed)
+        self.model = PFANet(PFANetConfig(dropout=recipe.dropout, norm=recipe.norm))
         self.spec = dataclasses.replace(load_backbone(self.model, recipe.backbone), size=recipe.size)
         freeze_blocks(self.model, recipe.freeze_blocks)
         self.model.to(self.device)
@@ -146,65 +172,150 @@ class Trainer:
                                          weight_decay=recipe.weight_decay)
         self.net = self.model
         if self.world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model)
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if gpu else None)
         if opts.compile:
             self.net = torch.compile(self.net)
 
-        pairs = read_pairs(opts.train[0]) if len(opts.train) == 1 else sum((read_pairs(t) for t in opts.train), [])
+        pairs = [p for source in opts.train for p in read_pairs(source)]
         if opts.limit:
             pairs = pairs[: opts.limit]
         augment = Augment(saturation=(0.5, 1.5) if recipe.saturation else None) if recipe.augment else None
-        self.dataset = SaliencyDataset(pairs, self.spec, augment, seed=opts.seed, cache=opts.cache)
-        self.sampler = EpochSampler(len(pairs), opts.seed, self.rank, self.world)
-        self.val_pairs = sum((read_pairs(v) for v in opts.val), [])
+        self.dataset = SaliencyDataset(pairs, self.spec, augment, seed=self.seed, cache=opts.cache)
+        if opts.cache:  # before the DataLoader forks its workers, so that they share one copy
+            self.dataset.preload(threads=max(1, opts.workers), progress=self.main and opts.progress)
+        self.sampler = EpochSampler(len(pairs), self.seed, self.rank, self.world)
+        if self.steps_per_epoch() == 0:
+            raise ValueError(f"{len(pairs)} training pairs on {self.world} process(es) do not fill one batch of "
+                             f"{recipe.batch_size}")
+        self.val_pairs = [p for source in opts.val for p in read_pairs(source)]
+
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.epoch_loss, self.epoch_steps, self.epoch_images, self.epoch_seconds = 0.0, 0, 0, 0.0
         self.best: float | None = None
         self.bad_pairs: set[str] = set()
+        if self.state is not None:
+            self.load_state(self.state)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------------
 
+    def read_state(self) -> dict:
+        path = self.out / "state.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: nothing to resume (no state.pt in {self.out})")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def run_seed(self) -> int:
+        """The seed: the run's own when resuming (states from before it was saved used 0)."""
+        if self.state is None:
+            return 0 if self.opts.seed is None else self.opts.seed
+        saved = int(self.state.get("seed", 0))
+        if self.opts.seed is not None and self.opts.seed != saved:
+            raise ValueError(f"{self.out}: the run was started with seed {saved}, not {self.opts.seed}; resume "
+                             "without --seed (or with the same one)")
+        return saved
+
     def training_meta(self) -> dict:
-        return {"recipe": self.recipe.to_dict(), "epoch": self.epoch, "seed": self.opts.seed,
+        return {"recipe": self.recipe.to_dict(), "epoch": self.epoch, "seed": self.seed,
                 "train": [str(t) for t in self.opts.train], "val": [str(v) for v in self.opts.val]}
 
+    def rng_states(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This process's (CPU, GPU) generator states: dropout draws from the one on the model's device."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
     def save_state(self) -> None:
-        """state.pt (resumable) and last.safetensors, both written atomically."""
+        """state.pt (resumable) and last.safetensors, both written atomically by rank 0.
+
+        Called by every rank at the same step: the ranks' RNG states are gathered so that each resumes its own.
+        """
+        rngs = [self.rng_states()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, self.rng_states())
         if not self.main:
             return
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": rngs[0][0],
             "best": self.best if self.best is not None else float("nan"),
             "recipe": self.recipe.to_json(),
+            # Added after the first runs; load_state reads them with defaults.
+            "seed": self.seed, "world": self.world,
+            "rank_torch_rng": torch.stack([r[0] for r in rngs]),
+            "epoch_loss": self.epoch_loss, "epoch_steps": self.epoch_steps, "epoch_images": self.epoch_images,
+            "epoch_seconds": self.epoch_seconds,
         }
+        if rngs[0][1] is not None:
+            state["rank_cuda_rng"] = torch.stack([r[1] for r in rngs])
         atomic_write(self.out / "state.pt", lambda tmp: torch.save(state, tmp))
         save_checkpoint(self.out / "last.safetensors", self.model, self.spec, self.training_meta())
 
-    def load_state(self) -> None:
+    def load_state(self, state: dict) -> None:
         path = self.out / "state.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: nothing to resume (no state.pt in {self.out})")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if json.loads(state["recipe"]) != json.loads(self.recipe.to_json()):
-            raise ValueError(f"{path}: the run was started with a different recipe; resume with the same settings")
+        saved = Recipe.from_dict(json.loads(state["recipe"]))
+        changed = saved.differences(self.recipe)
+        if changed:
+            raise ValueError(f"{path}: the run was started with another recipe ({'; '.join(changed)}); "
+                             "resume with the same settings")
+        if state.get("world", self.world) != self.world and state["step_in_epoch"]:
+            log.warning("%s: saved mid-epoch by %d processes, resumed by %d: the rest of this epoch is shared out "
+                        "differently", path, state["world"], self.world)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         self.best = None if math.isnan(state["best"]) else state["best"]
-        torch.set_rng_state(state["torch_rng"])
+        self.epoch_loss = state.get("epoch_loss", 0.0)
+        self.epoch_steps = state.get("epoch_steps", 0)
+        self.epoch_images = state.get("epoch_images", 0)
+        self.epoch_seconds = state.get("epoch_seconds", 0.0)
+        ranks = state.get("rank_torch_rng")
+        same_world = ranks is not None and len(ranks) == self.world
+        torch.set_rng_state(ranks[self.rank] if same_world else state["torch_rng"])
+        if self.device.type == "cuda" and "rank_cuda_rng" in state and same_world:
+            torch.cuda.set_rng_state(state["rank_cuda_rng"][self.rank], self.device)
+        if self.main:
+            self.trim_log()
+
+    def trim_log(self) -> None:
+        """Drop log rows of epochs after the checkpoint (written before a crash that came ahead of the next one)."""
+        path = self.out / "log.csv"
+        if not path.is_file():
+            return
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= self.epoch]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    # ---- several processes ------------------------------------------------------------------------------------------
+
+    def sum_over_ranks(self, *values: float) -> list[float]:
+        """The sums of `values` over all processes (the values themselves in a single process)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64 if self.device.type == "cpu" else torch.float32,
+                         device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
+
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler.order()) // self.recipe.batch_size
 
     def loader(self) -> torch.utils.data.DataLoader:
         self.dataset.set_epoch(self.epoch)
         self.sampler.set_position(self.epoch, self.step_in_epoch * self.recipe.batch_size)
+        # Its own generator: without one, each new iterator draws from the global RNG that dropout uses.
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=self.recipe.batch_size, sampler=self.sampler, collate_fn=collate,
-            num_workers=self.opts.workers, drop_last=True, persistent_workers=False,
-            pin_memory=self.device.type == "cuda",
+            num_workers=self.opts.workers, drop_last=True, pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init, generator=generator,
         )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -219,87 +330,132 @@ class Trainer:
             loss = loss + activity_regulariser(self.model.channel_attention_weights())
         return loss
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[float, int]:
+        """One optimizer step; returns the loss (the mean over processes) and the number of images (all processes).
+        A NaN/Inf loss on any process stops the run on all of them before the weights change."""
+        loss = self.loss(x, y, alpha)
+        total, images = self.sum_over_ranks(loss.item(), len(x))
+        value = total / self.world
+        if not math.isfinite(value):
+            raise TrainingStopped(
+                f"the loss became {value} at epoch {self.epoch + 1} step {self.step_in_epoch + 1}; stopped without "
+                f"saving, so {self.out / 'state.pt'} is still the last good checkpoint (try a lower --lr)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return value, int(images)
+
     def handle_signal(self, signum, frame) -> None:
-        self.stop_signal = signum
+        self.stopped_by = signum
+        log.warning("signal %d: stopping after this step with a checkpoint (a second one stops at once)", signum)
+        for s, h in self.old_handlers.items():
+            signal.signal(s, h)
 
     def run(self) -> pathlib.Path:
         """Train to the end of the recipe (or max_steps / a signal). Returns the run folder."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.json").write_text(self.recipe.to_json())
-        if self.opts.resume:
-            self.load_state()
-            log.info("resumed %s at epoch %d step %d", self.out, self.epoch, self.step_in_epoch)
-        old_handlers = {s: signal.signal(s, self.handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if self.state is not None and self.epoch >= self.recipe.epochs:
+            log.info("%s is complete (%d epochs): nothing to resume", self.out, self.epoch)
+        elif self.state is not None:
+            log.info("resumed %s at epoch %d step %d", self.out, self.epoch + 1, self.step_in_epoch)
+        if threading.current_thread() is threading.main_thread():
+            self.old_handlers = {s: signal.signal(s, self.handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.loop()
         finally:
-            for s, h in old_handlers.items():
+            for s, h in self.old_handlers.items():
                 signal.signal(s, h)
-            if self.bad_pairs and self.main:
-                log.warning("%d training pairs could not be used and were skipped", len(self.bad_pairs))
+            if self.bad_pairs:
+                where = f" (process {self.rank})" if self.world > 1 else ""
+                log.warning("%d training pairs could not be used and were skipped%s", len(self.bad_pairs), where)
+            if self.own_group:
+                dist.destroy_process_group()
         return self.out
 
     def loop(self) -> None:
-        steps_here = 0
         writer = self.tensorboard()
-        while self.epoch < self.recipe.epochs:
-            stage = self.recipe.stage(self.epoch)
-            lr = self.recipe.lr(self.epoch)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            if self.step_in_epoch == 0:  # dropout draws from (seed, epoch); mid-epoch, the restored RNG state
-                torch.manual_seed(self.opts.seed * 100_003 + self.epoch)
-            self.model.train()
-            loader = self.loader()
-            total_steps = len(self.sampler.order()) // self.recipe.batch_size
-            bar = tqdm(loader, total=total_steps, initial=self.step_in_epoch, disable=not self.main,
-                       desc=f"epoch {self.epoch + 1}/{self.recipe.epochs}", dynamic_ncols=True)
-            losses, seen, t0 = [], 0, time.perf_counter()
-            for x, y, errors in bar:
-                for err in errors:
-                    if err not in self.bad_pairs:
-                        self.bad_pairs.add(err)
-                        log.warning("skipping bad pair: %s", err)
-                if x is not None:
-                    loss = self.loss(x, y, stage.alpha)
-                    if not torch.isfinite(loss):
-                        raise TrainingStopped(
-                            f"loss became {loss.item()} at epoch {self.epoch + 1} step {self.step_in_epoch + 1}; "
-                            f"the last good checkpoint is kept in {self.out}")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
-                    losses.append(loss.item())
-                    seen += len(x) * self.world
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2g}",
-                                    img_s=f"{seen / (time.perf_counter() - t0):.2f}")
-                self.step_in_epoch += 1
-                self.global_step += 1
-                steps_here += 1
-                if self.opts.save_steps and self.step_in_epoch % self.opts.save_steps == 0:
-                    self.save_state()
-                if self.stop_signal is not None or (self.opts.max_steps and steps_here >= self.opts.max_steps):
-                    self.save_state()
-                    if self.stop_signal is not None:
-                        log.warning("signal %d: checkpoint written to %s, stopping", self.stop_signal, self.out)
+        steps_here = 0
+        try:
+            while self.epoch < self.recipe.epochs:
+                stage, lr = self.recipe.stage(self.epoch), self.recipe.lr(self.epoch)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                if self.step_in_epoch == 0:  # dropout draws from (seed, epoch, rank); mid-epoch, the restored state
+                    torch.manual_seed(self.seed * 100_003 + self.epoch + self.rank * 1_000_003)
+                    self.epoch_loss, self.epoch_steps, self.epoch_images, self.epoch_seconds = 0.0, 0, 0, 0.0
+                self.model.train()
+                total = self.steps_per_epoch()
+                bar = tqdm(self.loader(), total=total, initial=self.step_in_epoch, dynamic_ncols=True,
+                           disable=not (self.main and self.opts.progress),
+                           desc=f"epoch {self.epoch + 1}/{self.recipe.epochs}")
+                stop, seen_here = False, 0
+                t0 = t_bar = time.perf_counter()  # t0: for epoch_seconds; t_bar: for the bar's images/s
+                for x, y, errors in bar:
+                    self.report_bad_pairs(errors)
+                    # Every process must take part in each step (DDP reduces gradients across them).
+                    if self.sum_over_ranks(x is not None)[0] == self.world:
+                        loss, images = self.train_step(x, y, stage.alpha)
+                        self.epoch_loss, self.epoch_steps = self.epoch_loss + loss, self.epoch_steps + 1
+                        self.epoch_images, seen_here = self.epoch_images + images, seen_here + images
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}",
+                                        img_s=f"{seen_here / (time.perf_counter() - t_bar):.2f}")
+                        if writer is not None:
+                            writer.add_scalar("step/loss", loss, self.global_step + 1)
+                    else:
+                        log.warning("epoch %d step %d skipped: a batch had no usable pair",
+                                    self.epoch + 1, self.step_in_epoch + 1)
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    steps_here += 1
+                    wants_stop = self.stopped_by is not None or bool(self.opts.max_steps
+                                                                     and steps_here >= self.opts.max_steps)
+                    stop = self.sum_over_ranks(wants_stop)[0] > 0
+                    if self.step_in_epoch >= total:
+                        break  # the epoch's end (below) writes the checkpoint, stopping or not
+                    if stop or (self.opts.save_steps and self.step_in_epoch % self.opts.save_steps == 0):
+                        self.epoch_seconds += time.perf_counter() - t0  # the timer restarts with the next step
+                        t0 = time.perf_counter()
+                        self.save_state()
+                    if stop:
+                        self.log_stop()
+                        return
+                bar.close()
+                self.epoch_seconds += time.perf_counter() - t0
+                self.end_epoch(lr, stage.alpha, writer)
+                if stop:
+                    self.log_stop()
                     return
-            bar.close()
-            self.end_epoch(np.mean(losses) if losses else float("nan"), lr, stage.alpha,
-                           seen / (time.perf_counter() - t0), writer)
+        finally:
+            if writer is not None:
+                writer.close()
 
-    def end_epoch(self, train_loss: float, lr: float, alpha: float, img_s: float, writer) -> None:
+    def log_stop(self) -> None:
+        if self.stopped_by is not None and self.main:
+            log.warning("stopped by signal %d at epoch %d step %d; checkpoint in %s (continue with --resume)",
+                        self.stopped_by, self.epoch + 1, self.step_in_epoch, self.out)
+
+    def report_bad_pairs(self, errors: list[str]) -> None:
+        for err in errors:
+            if err not in self.bad_pairs:
+                self.bad_pairs.add(err)
+                log.warning("skipping a pair that cannot be used: %s", err)
+
+    def end_epoch(self, lr: float, alpha: float, writer) -> None:
         self.epoch += 1
         self.step_in_epoch = 0
-        row = {"epoch": self.epoch, "loss": train_loss, "lr": lr, "alpha": alpha, "images_per_s": img_s}
+        row = {"epoch": self.epoch, "loss": self.epoch_loss / self.epoch_steps if self.epoch_steps else float("nan"),
+               "lr": lr, "alpha": alpha,
+               "images_per_s": self.epoch_images / self.epoch_seconds if self.epoch_seconds else float("nan")}
         if self.main and self.val_pairs and (self.epoch % self.opts.val_every == 0 or self.epoch == self.recipe.epochs):
             scores = validate(self.model, self.spec, self.val_pairs, self.device)
             row.update({"val_mae": scores["mae"], "val_maxF": scores["maxF"]})
             if self.best is None or scores["maxF"] > self.best:
                 self.best = scores["maxF"]
                 save_checkpoint(self.out / "best.safetensors", self.model, self.spec,
-                                {**self.training_meta(), "val": {"mae": scores["mae"], "maxF": scores["maxF"]}})
-            log.info("epoch %d: loss %.4f  val MAE %.4f  max F %.4f", self.epoch, train_loss, scores["mae"],
+                                {**self.training_meta(), "val_scores": {"mae": scores["mae"], "maxF": scores["maxF"]}})
+            log.info("epoch %d: loss %.4f  val MAE %.4f  max F %.4f", self.epoch, row["loss"], scores["mae"],
                      scores["maxF"])
         if self.main:
             self.append_log(row, writer)
@@ -310,20 +466,21 @@ class Trainer:
 
     def append_log(self, row: dict, writer) -> None:
         path = self.out / "log.csv"
-        fields = ["epoch", "loss", "lr", "alpha", "images_per_s", "val_mae", "val_maxF"]
         new = not path.exists()
         with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             if new:
                 w.writeheader()
             w.writerow(row)
         if writer is not None:
             for k, v in row.items():
                 if k != "epoch":
-                    writer.add_scalar(k, v, self.epoch)
+                    writer.add_scalar(f"epoch/{k}", v, self.global_step)
             writer.flush()
 
     def tensorboard(self):
+        """A SummaryWriter on tb/ (rank 0), its steps the optimizer steps; on resume, events after the checkpoint
+        (from a run that went on past it before stopping) are purged."""
         if not self.main:
             return None
         try:
@@ -331,8 +488,30 @@ class Trainer:
         except ImportError:
             log.info("tensorboard not installed: no event files, log.csv only")
             return None
-        return SummaryWriter(str(self.out / "tb"))
+        return SummaryWriter(str(self.out / "tb"), purge_step=self.global_step + 1 if self.state else None)
 
 
 def train(recipe: Recipe, opts: TrainOptions) -> pathlib.Path:
+    """Run (or with opts.resume continue) a training run; returns its folder."""
     return Trainer(recipe, opts).run()
+
+
+def recipe_for_run(name: str | None, overrides: dict, out: str | os.PathLike, resume: bool) -> Recipe:
+    """The recipe a `pfanet train` invocation means: the named recipe (default cpu-ecssd) with the overrides applied,
+    or, when resuming, the run's own recipe.json, which must come out unchanged by the overrides (so that the run
+    continues exactly as it was started)."""
+    from .recipes import RECIPES
+
+    if not resume:
+        return RECIPES[name or "cpu-ecssd"].override(**overrides)
+    path = pathlib.Path(out) / "recipe.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: nothing to resume (no recipe.json in {out})")
+    saved = Recipe.from_dict(json.loads(path.read_text()))
+    if name and name != saved.name:
+        raise ValueError(f"{out} is a run of recipe {saved.name!r}, not {name!r}")
+    changed = saved.differences(saved.override(**overrides))
+    if changed:
+        raise ValueError(f"--resume continues {out} as it was started; these options would change its recipe: "
+                         + "; ".join(changed))
+    return saved
