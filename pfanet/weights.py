@@ -212,6 +212,8 @@ def read_keras2_h5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
             raise WeightsError(f"{path}: not a Keras-2 weights file (no layer_names attribute)")
         layers = {}
         for layer in _decode(root.attrs["layer_names"]):
+            if layer not in root:
+                raise WeightsError(f"{path}: layer {layer} is listed in layer_names but has no group")
             g = root[layer]
             params = {}
             for wname in _decode(g.attrs.get("weight_names", [])):
@@ -226,11 +228,23 @@ def read_keras2_h5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     return layers
 
 
-def convert_official(layers: dict[str, dict[str, np.ndarray]], config: PFANetConfig, source: str
-                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Keras layers -> our state dict (HWIO -> OIHW, Dense (in, out) -> (out, in)), and a report of what matched."""
+def _keras_shape(kind: str, kparam: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Keras array shape that becomes a tensor of our `shape` (inverse of HWIO -> OIHW, (in, out) -> (out, in))."""
+    if kparam != "kernel":
+        return tuple(shape)
+    return (shape[2], shape[3], shape[1], shape[0]) if kind == "conv" else (shape[1], shape[0])
+
+
+def convert_official(layers: dict[str, dict[str, np.ndarray]], config: PFANetConfig, source: str,
+                     shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keras layers -> our state dict (HWIO -> OIHW, Dense (in, out) -> (out, in)), and a report of what matched.
+
+    With `shapes` (our tensor shapes), a mis-shaped array is an error that names its Keras layer.
+    """
     layer_map = official_layer_map(config)
-    dense = sorted((n for n in layers if n.startswith("dense")), key=lambda n: layers[n]["kernel"].shape[1])
+    # a Dense without a kernel sorts first and is then reported as "has no kernel" below
+    dense = sorted((n for n in layers if n.startswith("dense")),
+                   key=lambda n: layers[n].get("kernel", np.zeros((0, 0))).shape[-1])
     if config.with_ca:
         if len(dense) != 2:
             raise WeightsError(f"{source}: expected 2 Dense layers (channel attention), found {dense or 'none'}")
@@ -252,9 +266,13 @@ def convert_official(layers: dict[str, dict[str, np.ndarray]], config: PFANetCon
                     continue  # CPFE convs have no bias
                 raise WeightsError(f"{source}: layer {layer} has no {kparam}")
             a = params[kparam]
+            key = f"{module}.{tparam}"
+            if shapes is not None and key in shapes and a.shape != _keras_shape(kind, kparam, shapes[key]):
+                raise WeightsError(f"{source}: layer {layer}: {kparam} has shape {a.shape}, "
+                                   f"the model needs {_keras_shape(kind, kparam, shapes[key])}")
             if kparam == "kernel":
                 a = a.transpose(3, 2, 0, 1) if kind == "conv" else a.T
-            state[f"{module}.{tparam}"] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            state[key] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
         extra = set(params) - set(_KERAS_PARAMS[kind])
         if extra:
             raise WeightsError(f"{source}: layer {layer} has unexpected weights {sorted(extra)}")
@@ -265,8 +283,9 @@ def convert_official(layers: dict[str, dict[str, np.ndarray]], config: PFANetCon
 def load_official_h5(path: str | os.PathLike, config: PFANetConfig | None = None) -> tuple[PFANet, list[str]]:
     """An official PFA_xxxxx.h5 -> (our model, a line per matched layer). Errors name the layer."""
     model = PFANet(config or PFANetConfig())
-    state, report = convert_official(read_keras2_h5(path), model.config, str(path))
     own = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in own.items()}
+    state, report = convert_official(read_keras2_h5(path), model.config, str(path), shapes)
     for k, v in own.items():
         if k.endswith("num_batches_tracked"):
             state[k] = torch.zeros_like(v)
