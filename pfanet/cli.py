@@ -210,13 +210,139 @@ def run_evaluate(args) -> int:
     return 0 if scored else fail("no image could be scored")
 
 
+def _threshold(text: str) -> float | None:
+    if text == "adaptive":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'adaptive' or a number from 0 to 255")
+    return value
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    from .outputs import parse_kinds
+
+    try:
+        return parse_kinds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="saliency maps, masks, edges, cut-outs and overlays for images",
+        description="Predict saliency for image files, folders (searched recursively; outputs mirror their\n"
+                    "subfolders), quoted glob patterns, or - (one image on stdin, one output image on stdout).\n"
+                    "Outputs: <stem>.png (map), <stem>_mask.png, <stem>_edge.png, <stem>_cutout.png (RGBA, the map\n"
+                    "as alpha), <stem>_overlay.png. Inputs whose outputs all exist are skipped, so an interrupted run\n"
+                    "resumes. A file that cannot be read is reported and the rest go on; the exit status is then 1.",
+        epilog="examples:\n"
+               "  pfanet predict photo.jpg -o out\n"
+               "  pfanet predict photos/ 'more/**/*.jpg' -o out --outputs map,mask,cutout\n"
+               "  pfanet predict - --outputs cutout < photo.jpg > cutout.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders, glob patterns, or -")
+    p.add_argument("-o", "--out", metavar="DIR", help="output folder (required unless the input is -)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="model weights: .safetensors (pfanet), official .h5 or .pth (default: the shipped model)")
+    p.add_argument("--outputs", type=_kinds, default=("map",), metavar="KINDS",
+                   help="comma-separated, from map,mask,edge,cutout,overlay (default: map)")
+    p.add_argument("--edges", action="store_true", help="shorthand for adding edge to --outputs")
+    p.add_argument("--threshold", type=_threshold, default=None, metavar="T",
+                   help="mask = map >= T: 'adaptive' (default: 2 x the map's mean, clipped to [1, 255]) or 0-255")
+    p.add_argument("--format", choices=["png", "webp"], default="png", help="png (default) or lossless webp")
+    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args) -> int:
+    from .outputs import predict_bytes, predict_paths
+    from .predictor import Predictor
+
+    def fail(msg: str) -> int:
+        print(f"pfanet predict: error: {msg}", file=sys.stderr)
+        return 2
+
+    kinds = args.outputs + (("edge",) if args.edges and "edge" not in args.outputs else ())
+    if args.batch_size < 1 or args.workers < 1:
+        return fail("--batch-size and --workers must be at least 1")
+
+    def make_predictor() -> Predictor:
+        return Predictor(args.weights, device=args.device, batch_size=args.batch_size)
+
+    if "-" in args.inputs:
+        if args.inputs != ["-"] or args.out:
+            return fail("- reads one image from stdin and writes to stdout: give it alone, without -o")
+        if len(kinds) != 1:
+            return fail(f"stdout takes one image; choose one of {','.join(kinds)} with --outputs")
+        data = sys.stdin.buffer.read()
+        sys.stdout.buffer.write(predict_bytes(make_predictor(), data, kinds[0], args.format, args.threshold))
+        sys.stdout.buffer.flush()
+        return 0
+    if not args.out:
+        return fail("-o/--out DIR is required (only - writes to stdout)")
+    summary = predict_paths(args.inputs, args.out, make_predictor, kinds, args.format, args.threshold,
+                            args.overwrite, args.workers, progress=not args.no_progress)
+    line = f"{summary.written} written to {args.out} ({','.join(kinds)}, {args.format})"
+    if summary.skipped:
+        line += f"; {summary.skipped} skipped, their outputs exist (--overwrite redoes them)"
+    print(line, file=sys.stderr)
+    if summary.failures:
+        print(f"{len(summary.failures)} failed:", *(f"  {f}" for f in summary.failures), sep="\n", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="HTTP API and web page",
+        description="Serve the model over HTTP (FastAPI + uvicorn), loaded once:\n"
+                    "  /               a web page: drop an image, see and download map, mask and cut-out\n"
+                    "  POST /predict   multipart field 'file'; query output=map|mask|edge|cutout|overlay, threshold\n"
+                    "                  -> image/png\n"
+                    "  POST /predict/all  several outputs from one forward pass, as JSON (base64 PNGs)\n"
+                    "  GET /health, /docs (OpenAPI)\n"
+                    "Errors are JSON {\"detail\": ...}: 413 too large, 415 not an image, 422 bad parameter, 503 busy,\n"
+                    "504 too slow.",
+        epilog="example:\n"
+               "  pfanet serve --port 8000 &\n"
+               "  curl -F file=@photo.jpg 'http://127.0.0.1:8000/predict?output=cutout' -o cutout.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--weights", metavar="FILE", help="model weights (default: the shipped model)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest upload in MB (default 20; 413 beyond)")
+    p.add_argument("--max-pixels", type=int, help="largest image in pixels (default 50 million; 413 beyond)")
+    p.add_argument("--timeout", type=float, default=60, help="seconds a request may wait (default 60; 504 beyond)")
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="images in progress at once (default 8; more get 503 and retry)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.host, args.port, args.weights, args.device, args.max_upload_mb, args.max_pixels, args.timeout,
+          args.max_queue, args.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pfanet", description="PFANet salient object detection: train, evaluate, predict, serve, export.")
     parser.add_argument("--version", action="version", version=f"pfanet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_train, add_convert, add_evaluate):
+    for add in (add_train, add_convert, add_evaluate, add_predict, add_serve):
         add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")

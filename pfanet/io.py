@@ -19,6 +19,10 @@ class ImageError(ValueError):
     """An input that cannot be decoded; the message names the file and the problem."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over the pixel limit (refused before decoding); the server answers it with 413, not 415."""
+
+
 def _open(source: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
@@ -32,7 +36,7 @@ def _open(source: str | os.PathLike | bytes, name: str, max_pixels: int) -> Imag
         raise ImageError(f"{name}: cannot read ({e})") from e
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageError(f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,}")
+        raise ImageTooLarge(f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,}")
     if w < 1 or h < 1:
         raise ImageError(f"{name}: empty image ({w}x{h})")
     return img

@@ -1,0 +1,133 @@
+"""The web page of `pfanet serve`, driven in headless Chromium (Debian's /usr/bin/chromium through Playwright; no
+browser is downloaded). A person's path: pick an image, see map, mask and cut-out, download each.
+
+Skipped when Playwright or the chromium binary is absent (`apt-get install chromium`).
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = pathlib.Path("/usr/bin/chromium")
+if not CHROMIUM.is_file():
+    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)", allow_module_level=True)
+
+from pfanet.model import PFANet, PFANetConfig
+from pfanet.predictor import Predictor
+from pfanet.serve import BackgroundServer, create_app
+from pfanet.transforms import InputSpec
+from pfanet.weights import save_checkpoint
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+KINDS = {"map": "", "mask": "_mask", "cutout": "_cutout"}
+PNG_SIGNATURE = list(b"\x89PNG\r\n\x1a\n")
+
+
+def random_model() -> PFANet:
+    """Random weights, with the fusion layer scaled so the map spreads over 0..255 (masks have something to split)."""
+    torch.manual_seed(0)
+    model = PFANet(PFANetConfig(dropout=False))
+    with torch.no_grad():
+        model.fusion.weight *= 8
+        model.fusion.bias.fill_(-1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_checkpoint(path, random_model(), InputSpec(size=64))
+    return Predictor(path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(predictor):
+    with BackgroundServer(create_app(predictor, timeout_s=300)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser(url):
+    """A page on the server, with every request it makes and every console error recorded."""
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = chromium.new_context(accept_downloads=True).new_page()
+        seen = types.SimpleNamespace(page=page, requests=[], errors=[])
+        page.on("request", lambda r: seen.requests.append(r.url))
+        page.on("console", lambda m: m.type == "error" and seen.errors.append(m.text))
+        page.on("pageerror", lambda e: seen.errors.append(str(e)))
+        page.goto(url + "/")
+        yield seen
+        chromium.close()
+
+
+def test_pick_an_image_see_and_download_the_results(browser, url, predictor, ecssd_pairs, tmp_path):
+    page = browser.page
+    image = ecssd_pairs(1)[0][0]
+    width, height = Image.open(image).size
+    page.set_input_files("#file", str(image))
+    for kind in KINDS:  # each result image is shown once decoded
+        page.wait_for_function(
+            "id => { const im = document.getElementById(id); "
+            "return im.src.startsWith('blob:') && im.complete && im.naturalWidth > 0; }", arg=f"img-{kind}",
+            timeout=120_000)
+    assert page.is_visible("#results")
+    assert f"{width} × {height}" in page.inner_text("#status")
+
+    for kind, suffix in KINDS.items():
+        shown = page.evaluate(
+            "async id => { const im = document.getElementById(id); const r = await fetch(im.src); "
+            "const b = new Uint8Array(await r.arrayBuffer()); "
+            "return {w: im.naturalWidth, h: im.naturalHeight, head: Array.from(b.slice(0, 8))}; }", f"img-{kind}")
+        assert (shown["w"], shown["h"]) == (width, height) and shown["head"] == PNG_SIGNATURE
+
+        with page.expect_download() as info:
+            page.click(f"#dl-{kind}")
+        download = info.value
+        assert download.suggested_filename == f"{image.stem}{suffix}.png"
+        saved = tmp_path / download.suggested_filename
+        download.save_as(saved)
+        got = Image.open(saved)
+        assert got.format == "PNG" and got.size == (width, height)
+        if kind == "map":
+            np.testing.assert_array_equal(np.asarray(got), predictor.predict(image))
+        if kind == "mask":
+            assert set(np.unique(np.asarray(got))) <= {0, 255}
+        if kind == "cutout":
+            assert got.mode == "RGBA"
+
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+    assert not browser.errors, browser.errors  # CSP violations and script errors show up here
+    foreign = [u for u in browser.requests if not u.startswith((url, "blob:", "data:"))]
+    assert not foreign, f"the page contacted other origins: {foreign}"
+
+
+def test_a_non_image_shows_the_servers_message(browser):
+    page = browser.page
+    page.set_input_files("#file", {"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"})
+    page.wait_for_selector("#status.error", timeout=60_000)
+    assert "not an image" in page.inner_text("#status")
+
+
+def test_fixed_threshold_from_the_page(browser, ecssd_pairs, predictor):
+    page = browser.page
+    image = ecssd_pairs(1)[0][0]
+    page.set_input_files("#file", str(image))
+    page.wait_for_function("document.getElementById('status').textContent.includes('threshold')", timeout=120_000)
+    page.uncheck("#adaptive")  # predicts again with the slider's value (128)
+    page.wait_for_function("document.getElementById('status').textContent.includes('threshold 128.0')",
+                           timeout=120_000)
+    data = page.evaluate(
+        "async () => { const r = await fetch(document.getElementById('img-mask').src); "
+        "return Array.from(new Uint8Array(await r.arrayBuffer())); }")
+    mask = np.asarray(Image.open(io.BytesIO(bytes(data))))
+    np.testing.assert_array_equal(mask, np.where(predictor.predict(image) >= 128, 255, 0))
