@@ -73,8 +73,8 @@ def test_torchrun_two_ranks_then_resume(setup, tmp_path):
     assert "all 2 ranks: 5 written" in run.stderr
     maps = _maps(out)
     assert sorted(maps) == NAMES
-    for name in NAMES:
-        assert np.array_equal(maps[name], expected[name]), name
+    for name in NAMES:  # other thread counts and batches: float sums in another order, a gray level at most
+        assert np.abs(maps[name].astype(int) - expected[name].astype(int)).max() <= 1, name
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
 
     # Resume without a rendezvous: two plain processes told their rank; all outputs exist, nothing is redone.
@@ -100,7 +100,7 @@ def test_mapper_on_a_batch_of_bytes(setup, tmp_path):
     result = mapper(batch)
     assert list(result["path"]) == paths
     assert result["error"][0] == "" and "broken.png: not an image" in result["error"][1]
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), expected["a"])
+    assert np.abs(np.asarray(Image.open(tmp_path / "a.png")).astype(int) - expected["a"].astype(int)).max() <= 1
     assert set(np.unique(np.asarray(Image.open(tmp_path / "a_mask.png")))) <= {0, 255}
 
 
@@ -117,7 +117,7 @@ def test_ray_data_local_mode(setup, tmp_path):
         maps = _maps(out)
         assert sorted(maps) == NAMES
         for name in NAMES:
-            assert np.array_equal(maps[name], expected[name]), name
+            assert np.abs(maps[name].astype(int) - expected[name].astype(int)).max() <= 1, name
         assert run(str(images), str(out), str(weights)) == (0, 5, [])  # resumed: nothing left to do
     finally:
         ray.shutdown()
