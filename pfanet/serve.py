@@ -176,7 +176,7 @@ def create_app(predictor: Predictor, max_upload_mb: float = 20, max_pixels: int 
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         result = await service.run(file, kinds, threshold)
-        return {"width": result["width"], "height": result["height"], "threshold": result["threshold"],
+        return {"width": result["width"], "height": result["height"], "threshold": round(result["threshold"], 2),
                 "images": {k: base64.b64encode(v).decode() for k, v in result["png"].items()}}
 
     return app

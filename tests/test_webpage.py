@@ -76,10 +76,8 @@ def test_pick_an_image_see_and_download_the_results(browser, url, predictor, ecs
     width, height = Image.open(image).size
     page.set_input_files("#file", str(image))
     for kind in KINDS:  # each result image is shown once decoded
-        page.wait_for_function(
-            "id => { const im = document.getElementById(id); "
-            "return im.src.startsWith('blob:') && im.complete && im.naturalWidth > 0; }", arg=f"img-{kind}",
-            timeout=120_000)
+        page.wait_for_selector(f"#img-{kind}[src^='blob:']", timeout=120_000)
+        sync_api.expect(page.locator(f"#img-{kind}")).to_have_js_property("complete", True)
     assert page.is_visible("#results")
     assert f"{width} × {height}" in page.inner_text("#status")
 
@@ -122,10 +120,10 @@ def test_fixed_threshold_from_the_page(browser, ecssd_pairs, predictor):
     page = browser.page
     image = ecssd_pairs(1)[0][0]
     page.set_input_files("#file", str(image))
-    page.wait_for_function("document.getElementById('status').textContent.includes('threshold')", timeout=120_000)
+    status = sync_api.expect(page.locator("#status"))
+    status.to_contain_text("threshold", timeout=120_000)
     page.uncheck("#adaptive")  # predicts again with the slider's value (128)
-    page.wait_for_function("document.getElementById('status').textContent.includes('threshold 128.0')",
-                           timeout=120_000)
+    status.to_contain_text("threshold 128.0", timeout=120_000)
     data = page.evaluate(
         "async () => { const r = await fetch(document.getElementById('img-mask').src); "
         "return Array.from(new Uint8Array(await r.arrayBuffer())); }")

@@ -73,6 +73,8 @@ function firstImage(files) {
 
 function init() {
   const drop = $("drop");
+  const api = new URL("predict?output=cutout", location.href);
+  $("curl").textContent = `curl -F file=@photo.jpg "${api}" -o cutout.png`;
   $("file").addEventListener("change", () => {
     const file = $("file").files[0];
     if (file) predict(file);
