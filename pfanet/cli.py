@@ -336,13 +336,147 @@ def run_serve(args) -> int:
     return 0
 
 
+def add_export(sub) -> None:
+    from .export import DEFAULT_OPSET, EXPORTERS
+
+    p = sub.add_parser(
+        "export", help="export the network to ONNX",
+        description="Export the network to ONNX with a dynamic batch axis (and dynamic height/width, multiples of 32, "
+                    "unless --static-size). The input convention (channel order, mean, std, size) and the weights' "
+                    "metadata go into the model's metadata_props. The result is checked against PyTorch with "
+                    "onnxruntime. `pfanet predict --weights FILE.onnx` runs it.")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default onnx)")
+    p.add_argument("--weights", help="weights to export (default: the shipped model)")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--size", type=int, help="input size to trace and record (multiple of 32; default: the weights'); "
+                                            "with --for-rembg, the size the graph resizes rembg's 320x320 input to")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--probabilities", action="store_true", help="end in a sigmoid: probabilities instead of logits")
+    p.add_argument("--for-rembg", action="store_true",
+                   help="a drop-in model for rembg: takes rembg's input (RGB/255, ImageNet mean/std, 320x320), "
+                        "converts and resizes it inside the graph, outputs probabilities")
+    p.add_argument("--static-size", action="store_true", help="fix height and width (the batch stays dynamic)")
+    p.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
+                   help="torch.onnx exporter (default torchscript: exact and fast here; dynamo needs onnxscript)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs PyTorch parity check")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from .export import OnnxNetwork, check_parity, export_onnx, plan_export
+    from .predictor import Predictor
+
+    if args.size is not None and (args.size <= 0 or args.size % 32):
+        print(f"pfanet export: error: --size must be a positive multiple of 32, got {args.size}", file=sys.stderr)
+        return 2
+    predictor = Predictor(args.weights, device="cpu")
+    if isinstance(predictor.model, OnnxNetwork):
+        print(f"pfanet export: error: {args.weights} is already ONNX; export from the PyTorch weights", file=sys.stderr)
+        return 2
+    plan = plan_export(predictor.model, predictor.spec, size=args.size,
+                       output="probability" if args.probabilities else "logits", for_rembg=args.for_rembg,
+                       dynamic_size=not args.static_size)
+    path = export_onnx(plan, args.output, predictor.meta, exporter=args.exporter, opset=args.opset)
+    spec = plan.input_spec
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): input NCHW {spec.channel_order}, mean {spec.mean}, "
+          f"std {spec.std}, size {spec.size}; output {plan.output}", file=sys.stderr)
+    if args.no_check:
+        return 0
+    diff = check_parity(plan, path)
+    print(f"onnxruntime vs PyTorch on 2 random {spec.size}x{spec.size} images: max |difference| {diff:.2e}",
+          file=sys.stderr)
+    if diff > 1e-4:
+        print(f"pfanet export: error: {path} differs from PyTorch by {diff:.2e} (> 1e-4)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_output_options(p) -> None:
+    """The output options `predict-shard` and `predict-ray` share with `predict`."""
+    p.add_argument("--weights", metavar="FILE", help="model weights, or an exported .onnx (default: the shipped model)")
+    p.add_argument("--outputs", type=_kinds, default=("map",), metavar="KINDS",
+                   help="comma-separated, from map,mask,edge,cutout,overlay (default: map)")
+    p.add_argument("--threshold", type=_threshold, default=None, metavar="T",
+                   help="mask = map >= T: 'adaptive' (default) or 0-255")
+    p.add_argument("--format", choices=["png", "webp"], default="png", help="png (default) or lossless webp")
+    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
+
+
+def add_predict_shard(sub) -> None:
+    p = sub.add_parser(
+        "predict-shard", help="`predict` split over torchrun processes (several GPUs or machines, shared storage)",
+        description="Like `pfanet predict`, for one of several processes started by torchrun (or with RANK and "
+                    "WORLD_SIZE set by hand): each takes every WORLD_SIZE-th file of the sorted inputs. Existing "
+                    "outputs are skipped, so re-running resumes; rank 0 prints the total.",
+        epilog="examples:\n"
+               "  torchrun --nproc-per-node 4 -m pfanet.distributed_predict photos/ -o maps/\n"
+               "  torchrun --nnodes 8 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\\n"
+               "      --no-python pfanet predict-shard /shared/photos -o /shared/maps",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders, glob patterns")
+    p.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder (shared by all ranks)")
+    _add_output_options(p)
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--workers", type=int, default=4, help="decoding threads per process (default 4)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda:LOCAL_RANK when present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (rank 0 shows one)")
+    p.set_defaults(func=run_predict_shard)
+
+
+def run_predict_shard(args) -> int:
+    from .distributed_predict import run
+
+    return run(args.inputs, args.out, args.weights, args.outputs, args.format, args.threshold, args.overwrite,
+               args.batch_size, args.workers, args.device, progress=not args.no_progress)
+
+
+def add_predict_ray(sub) -> None:
+    p = sub.add_parser(
+        "predict-ray", help="`predict` on a Ray cluster with Ray Data (needs pfanet[ray])",
+        description="Predict every image under a folder or URI (s3://, gs://, ...) with Ray Data: map_batches with "
+                    "one model per actor. Outputs mirror the input's subfolders; existing ones are skipped.",
+        epilog="examples:\n"
+               "  pfanet predict-ray --input photos/ --output maps/\n"
+               "  pfanet predict-ray --input s3://b/photos --output s3://b/maps --address auto --concurrency 8 "
+               "--num-gpus 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, metavar="DIR_OR_URI", help="folder or URI of images (recursive)")
+    p.add_argument("--output", required=True, metavar="DIR_OR_URI", help="where the outputs go")
+    _add_output_options(p)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--concurrency", type=int, default=1, help="model actors (default 1)")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor (default 0)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--address", help="Ray cluster to join ('auto': this machine's; default: start a local one)")
+    p.set_defaults(func=run_predict_ray)
+
+
+def run_predict_ray(args) -> int:
+    try:
+        import ray  # noqa: F401
+
+        from .ray_predict import run
+    except ImportError:
+        print('pfanet predict-ray: error: needs Ray Data: pip install "pfanet[ray]"', file=sys.stderr)
+        return 2
+    written, skipped, failures = run(args.input, args.output, args.weights, args.outputs, args.format, args.threshold,
+                                     args.overwrite, args.batch_size, args.concurrency, args.num_gpus, args.address,
+                                     args.num_cpus)
+    print(f"{written} written to {args.output}, {skipped} skipped (outputs exist)"
+          + (f", {len(failures)} failed:" if failures else ""), file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pfanet", description="PFANet salient object detection: train, evaluate, predict, serve, export.")
     parser.add_argument("--version", action="version", version=f"pfanet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_train, add_convert, add_evaluate, add_predict, add_serve):
+    for add in (add_train, add_convert, add_evaluate, add_predict, add_serve, add_export, add_predict_shard,
+                add_predict_ray):
         add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")

@@ -189,7 +189,7 @@ def export_onnx(plan: ExportPlan, path: str | os.PathLike, weights_meta: dict | 
     """Write `plan` as an ONNX file with its metadata; returns the path.
 
     The TorchScript exporter is the default: on this network it is as exact as the dynamo one (both ~4e-6 max
-    |logit| difference to PyTorch), exports in seconds instead of most of a minute, and needs no onnxscript.
+    |logit| difference to PyTorch), takes half the CPU time and needs no onnxscript.
     """
     import onnx
 

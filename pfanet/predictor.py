@@ -70,7 +70,12 @@ class Predictor:
                                    "of pfanet); pass a weights file (--weights FILE: a .safetensors from `pfanet "
                                    "train` or `pfanet convert`, or an official .h5)")
             path = pathlib.Path(weights) if weights is not None else DEFAULT_WEIGHTS
-            model, spec, self.meta = load_checkpoint(path)
+            if path.suffix.lower() == ".onnx":  # an exported graph: onnxruntime behind the same `logits` hook
+                from .export import load_onnx
+
+                model, spec, self.meta = load_onnx(path, self.device)
+            else:
+                model, spec, self.meta = load_checkpoint(path)
             self.source = str(path)
         else:
             self.meta, self.source = {}, "a model passed in memory"
