@@ -381,8 +381,11 @@ def load_backbone(model: PFANet, source: str) -> InputSpec:
         if path.name.endswith(".weights.h5"):
             state, spec = backbone_state_from_keras3(path), HED_INPUT
         elif path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                tv = {k: f.get_tensor(k) for k in f.keys()}
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    tv = {k: f.get_tensor(k) for k in f.keys()}
+            except (SafetensorError, OSError) as e:
+                raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
             state, spec = backbone_state_from_torchvision(tv, str(path)), IMAGENET_INPUT
         elif path.suffix in (".pth", ".pt"):
             state, spec = backbone_state_from_torchvision(torch_load(path), str(path)), IMAGENET_INPUT

@@ -431,6 +431,12 @@ def test_torchvision_backbone_file(tmp_path, suffix):
     assert_backbone(model, kernels)
 
 
+def test_corrupt_safetensors_backbone_is_a_weights_error(tmp_path):
+    (tmp_path / "vgg16.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(WeightsError, match="vgg16.safetensors.*not a readable safetensors"):
+        load_backbone(PFANet(), str(tmp_path / "vgg16.safetensors"))
+
+
 def test_torchvision_backbone_file_missing_a_layer(tmp_path):
     state = torchvision_state(vgg_keras_kernels(4))
     del state["features.19.weight"]
