@@ -1,0 +1,111 @@
+"""Training under torchrun: 2 CPU processes on gloo (DistributedDataParallel), each with its share of the epoch.
+
+Checks that only rank 0 writes into the run folder (every file operation of each process is recorded with an audit
+hook), that both ranks end with identical weights, and that 2 processes at batch 2 compute what one process at
+batch 4 does (per-image normalisation makes the network batch-independent; dropout is off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pfanet.recipes import RECIPES
+from pfanet.train import EpochSampler, Trainer, TrainOptions
+
+WORKER = textwrap.dedent("""
+    import json, os, pathlib, sys
+
+    run_dir = os.path.abspath(sys.argv[2])
+    written = []  # this process's file operations inside the run folder
+
+    def audit(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writes = (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND)) or (
+                isinstance(mode, str) and any(c in mode for c in "wax+"))
+            if not writes:
+                return
+        elif event not in ("os.rename", "os.mkdir", "os.remove", "os.rmdir"):
+            return
+        for path in args[:2] if event == "os.rename" else args[:1]:  # a rename writes its destination
+            if isinstance(path, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(path)).startswith(run_dir):
+                written.append(f"{event} {os.fsdecode(path)}")
+
+    sys.addaudithook(audit)
+
+    import torch
+    from pfanet.recipes import RECIPES
+    from pfanet.train import Trainer, TrainOptions
+
+    recipe = RECIPES["cpu-ecssd"].override(size=32, batch_size=2, epochs=1, dropout=False)
+    trainer = Trainer(recipe, TrainOptions(train=[sys.argv[1]], out=run_dir, val=[sys.argv[4]], workers=1,
+                                           progress=False))
+    trainer.run()
+    results = pathlib.Path(sys.argv[3])
+    torch.save(trainer.model.state_dict(), results / f"rank{trainer.rank}.pt")
+    (results / f"rank{trainer.rank}.json").write_text(json.dumps(written))
+""")
+
+
+def test_each_rank_takes_every_world_th_sample_of_the_epoch_order():
+    one = EpochSampler(9, seed=4)
+    ranks = [EpochSampler(9, seed=4, rank=r, world=2) for r in range(2)]
+    for s in (one, *ranks):
+        s.set_position(epoch=3, start=0)
+    order = one.order()
+    assert sorted(order) == list(range(9))
+    assert ranks[0].order() == order[0:8:2] and ranks[1].order() == order[1:8:2]  # the 9th is left out
+    ranks[1].set_position(epoch=3, start=2)  # resuming after one step of 2
+    assert list(ranks[1]) == order[1:8:2][2:] and len(ranks[1]) == 2
+    one.set_position(epoch=4, start=0)
+    assert one.order() != order
+
+
+def test_torchrun_two_cpu_processes(tmp_path, ecssd_pairs, ecssd_val_pairs):
+    torchrun = pathlib.Path(sys.executable).parent / "torchrun"
+    if not torchrun.is_file():
+        pytest.skip(f"no torchrun beside {sys.executable}")
+    data = tmp_path / "train.txt"
+    data.write_text("".join(f"{i}\t{m}\n" for i, m in ecssd_pairs(8)))
+    val = tmp_path / "val.txt"
+    val.write_text("".join(f"{i}\t{m}\n" for i, m in ecssd_val_pairs(1)))
+    (tmp_path / "worker.py").write_text(WORKER)
+    results = tmp_path / "results"
+    results.mkdir()
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 processes on 2 cores
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "worker.py"),
+                           str(data), str(run_dir), str(results), str(val)],
+                          env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    rank0, rank1 = (json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank1 == []  # rank 1 wrote nothing in the run folder
+    for name in ("state.pt", "last.safetensors", "best.safetensors", "log.csv", "recipe.json"):
+        assert any(w.endswith(f"{os.sep}{name}") for w in rank0), (name, rank0)
+    for name in ("state.pt", "last.safetensors", "best.safetensors", "recipe.json", "log.csv"):
+        assert (run_dir / name).is_file(), name
+    state = torch.load(run_dir / "state.pt", weights_only=True)
+    assert (state["epoch"], state["global_step"], state["world"]) == (1, 2, 2)  # 8 pairs / 2 ranks / batch 2
+
+    w0, w1 = (torch.load(results / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert all(torch.equal(w0[k], state["model"][k]) for k in w0)
+
+    # One process at batch 4 sees the same 4 images per step and must reach the same weights (up to rounding).
+    recipe = RECIPES["cpu-ecssd"].override(size=32, batch_size=4, epochs=1, dropout=False)
+    single = Trainer(recipe, TrainOptions(train=[str(data)], out=str(tmp_path / "single"), workers=0,
+                                          progress=False))
+    single.run()
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(w0[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    initial = Trainer(recipe, TrainOptions(train=[str(data)], out=str(tmp_path / "init"), progress=False))
+    assert not torch.allclose(initial.model.fusion.weight, w0["fusion.weight"])  # training did move the weights

