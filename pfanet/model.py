@@ -62,7 +62,9 @@ class PFANetConfig:
 class Norm(nn.BatchNorm2d):
     """BatchNorm (Keras eps 1e-3) followed by ReLU, in one of the two normalisation modes.
 
-    Both modes keep the same parameters and buffers, so a checkpoint works in either.
+    Both modes keep the same parameters and buffers, so a checkpoint loads in either. Per-image training never
+    updates the running statistics, though: weights trained that way give meaningful "batch" outputs only in
+    training mode (batch statistics), not in eval mode.
     """
 
     def __init__(self, channels: int, mode: str):

@@ -194,3 +194,9 @@ def test_upsampling_is_bilinear_with_aligned_corners():
     # align_corners=True: output pixel i samples input coordinate i * (2 - 1) / (4 - 1) = i / 3
     want = torch.tensor([[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]], dtype=torch.float32)
     torch.testing.assert_close(upsample(x, 2)[0, 0], want)
+
+
+def test_per_image_training_leaves_the_running_statistics_alone():
+    bn = PFANet(PFANetConfig(norm="per-image")).c12_bn.train()
+    bn(torch.randn(2, 64, 4, 4) * 3 + 5)
+    assert torch.equal(bn.running_mean, torch.zeros(64)) and torch.equal(bn.running_var, torch.ones(64))
