@@ -37,3 +37,21 @@ def ecssd_val_pairs(ecssd):
 
     pairs = read_list_file(ecssd / "val.txt")
     return lambda n: pairs[:n]
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    """A tiny random-weight model (InputSpec size 64) in our format, its fusion layer scaled so the map spreads over
+    0..255 and masks have something to split."""
+    from pfanet.model import PFANet, PFANetConfig
+    from pfanet.transforms import InputSpec
+    from pfanet.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    model = PFANet(PFANetConfig(dropout=False))
+    with torch.no_grad():
+        model.fusion.weight *= 8
+        model.fusion.bias.fill_(-1.0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_checkpoint(path, model, InputSpec(size=64))
+    return path

@@ -14,31 +14,11 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pfanet import cli
-from pfanet.model import PFANet, PFANetConfig
 from pfanet.predictor import Predictor
-from pfanet.transforms import InputSpec
-from pfanet.weights import WeightsError, save_checkpoint
-
-
-def random_model() -> PFANet:
-    """Random weights, with the fusion layer scaled so the map spreads over 0..255 (masks have something to split)."""
-    torch.manual_seed(0)
-    model = PFANet(PFANetConfig(dropout=False))
-    with torch.no_grad():
-        model.fusion.weight *= 8
-        model.fusion.bias.fill_(-1.0)
-    return model
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_checkpoint(path, random_model(), InputSpec(size=64))
-    return path
+from pfanet.weights import WeightsError
 
 
 @pytest.fixture(scope="module")

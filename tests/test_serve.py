@@ -20,38 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from pfanet.model import PFANet, PFANetConfig
 from pfanet.predictor import Predictor
 from pfanet.serve import BackgroundServer, create_app
-from pfanet.transforms import InputSpec
-from pfanet.weights import save_checkpoint
 
 MAX_UPLOAD_MB = 1
 MAX_PIXELS = 1_000_000
-
-
-def random_model() -> PFANet:
-    """Random weights, with the fusion layer scaled so the map spreads over 0..255 (masks have something to split)."""
-    torch.manual_seed(0)
-    model = PFANet(PFANetConfig(dropout=False))
-    with torch.no_grad():
-        model.fusion.weight *= 8
-        model.fusion.bias.fill_(-1.0)
-    return model
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_checkpoint(path, random_model(), InputSpec(size=64))
-    return path
 
 
 @pytest.fixture(scope="module")

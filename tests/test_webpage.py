@@ -12,7 +12,6 @@ import types
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -20,11 +19,8 @@ CHROMIUM = pathlib.Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)", allow_module_level=True)
 
-from pfanet.model import PFANet, PFANetConfig
 from pfanet.predictor import Predictor
 from pfanet.serve import BackgroundServer, create_app
-from pfanet.transforms import InputSpec
-from pfanet.weights import save_checkpoint
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -32,21 +28,9 @@ KINDS = {"map": "", "mask": "_mask", "cutout": "_cutout"}
 PNG_SIGNATURE = list(b"\x89PNG\r\n\x1a\n")
 
 
-def random_model() -> PFANet:
-    """Random weights, with the fusion layer scaled so the map spreads over 0..255 (masks have something to split)."""
-    torch.manual_seed(0)
-    model = PFANet(PFANetConfig(dropout=False))
-    with torch.no_grad():
-        model.fusion.weight *= 8
-        model.fusion.bias.fill_(-1.0)
-    return model
-
-
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_checkpoint(path, random_model(), InputSpec(size=64))
-    return Predictor(path, device="cpu")
+def predictor(weights):
+    return Predictor(weights, device="cpu")
 
 
 @pytest.fixture(scope="module")
