@@ -41,6 +41,8 @@ def add_train(sub) -> None:
     g.add_argument("--edge-mode", choices=["relu", "abs"], help="relu (official) or abs (paper Eq. 9)")
     g.add_argument("--backbone", help="hed | imagenet | a .weights.h5 / torchvision .pth / .safetensors file")
     g.add_argument("--freeze-blocks", type=int, help="keep VGG blocks 1..N fixed")
+    g.add_argument("--init", help="start from a PFANet weights file (.safetensors/.h5/.pth) instead of a bare "
+                                  "backbone: fine-tuning")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--saturation", action=argparse.BooleanOptionalAction, default=None,
                    help="the paper's saturation jitter")
@@ -71,7 +73,8 @@ def run_train(args) -> int:
     from .train import Trainer, TrainingStopped, TrainOptions, recipe_for_run
 
     fields = ("epochs", "lr", "alpha", "stages", "batch_size", "size", "lr_decay", "momentum", "weight_decay",
-              "dropout", "norm", "edge_mode", "backbone", "freeze_blocks", "augment", "saturation", "ca_regulariser")
+              "dropout", "norm", "edge_mode", "backbone", "freeze_blocks", "augment", "saturation", "ca_regulariser",
+              "init")
     overrides = {k: getattr(args, k) for k in fields}
     opts = TrainOptions(
         train=args.data, out=args.out, val=args.val, val_every=args.val_every, save_every=args.save_every,

@@ -52,6 +52,7 @@ class Recipe:
     freeze_blocks: int = 0  # VGG blocks 1..n kept fixed (0: all trainable)
     augment: bool = True
     saturation: bool = False  # the paper's saturation jitter (not in the official code)
+    init: str = ""  # a whole-PFANet weights file to start from (fine-tuning); then `backbone` is not read
     description: str = ""
 
     def __post_init__(self):
@@ -166,5 +167,11 @@ RECIPES = {
         description="The shipped model: ECSSD train (700 images) on a 2-core CPU from the HED VGG16. Blocks 1-3 "
                     "frozen (the costliest backward, at high resolution), 192x192, alpha 1.0 for 3 epochs then 0.7, "
                     "cosine lr over 12 epochs.",
+    ),
+    "cpu-ecssd-ft": Recipe(
+        "cpu-ecssd-ft", stages=(Stage(6, 1.0, 5e-3),), batch_size=8, size=192, lr_decay="cosine",
+        weight_decay=5e-4, freeze_blocks=3, backbone="hed",
+        description="Second phase of the shipped model: pass --init with cpu-ecssd's best epoch (3, chosen on val); "
+                    "alpha stays 1.0 (cpu-ecssd's switch to 0.7 set val back), lr 5e-3 cosine over 6 epochs.",
     ),
 }

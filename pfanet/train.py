@@ -41,7 +41,7 @@ from .loss import activity_regulariser, edge_hold_loss
 from .model import PFANet, PFANetConfig
 from .recipes import Recipe
 from .transforms import InputSpec
-from .weights import atomic_write, load_backbone, save_checkpoint
+from .weights import atomic_write, load_backbone, load_checkpoint, load_state, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,12 @@ class Trainer:
 
         torch.manual_seed(self.seed)
         self.model = PFANet(PFANetConfig(dropout=recipe.dropout, norm=recipe.norm))
-        self.spec = dataclasses.replace(load_backbone(self.model, recipe.backbone), size=recipe.size)
+        if recipe.init:  # fine-tuning: every layer from a PFANet file, with the input convention it was trained on
+            start, spec, _ = load_checkpoint(recipe.init)
+            load_state(self.model, start.state_dict(), recipe.init)
+        else:
+            spec = load_backbone(self.model, recipe.backbone)
+        self.spec = dataclasses.replace(spec, size=recipe.size)
         freeze_blocks(self.model, recipe.freeze_blocks)
         self.model.to(self.device)
         if self.channels_last:

@@ -275,6 +275,19 @@ def test_backbone_importers(tmp_path, ecssd_pairs):
         assert trainer.spec.channel_order == "BGR" and trainer.spec.size == 32
 
 
+def test_init_fine_tunes_from_a_whole_model(tmp_path, ecssd_pairs, weights):
+    """--init: every layer (decoder included) starts from the file, with the file's input convention."""
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(2))
+    start, _ = read_checkpoint(weights)
+    trainer = Trainer(tiny_recipe(init=str(weights)), options(data, tmp_path / "ft"))
+    own = trainer.model.state_dict()
+    for name in ("fusion.weight", "cpfe5.branches.3.weight", "backbone.convs.conv1_1.weight"):
+        assert torch.equal(own[name], start[name]), name
+    assert trainer.spec.channel_order == "RGB" and trainer.spec.size == 32  # the tiny file's spec, the recipe's size
+    with pytest.raises(ValueError, match="no such weights file"):
+        Trainer(tiny_recipe(init=str(tmp_path / "absent.safetensors")), options(data, tmp_path / "ft2"))
+
+
 def test_bad_training_pairs_are_reported_skipped_and_counted(tmp_path, ecssd_pairs, caplog):
     good = ecssd_pairs(3)
     img, mask = good[0]
