@@ -15,7 +15,7 @@ from PIL import Image, ImageEnhance
 from tqdm import tqdm
 
 from .io import ImageError, list_images, load_image, load_mask
-from .transforms import InputSpec, pad_to_square, preprocess
+from .transforms import InputSpec, preprocess, square_nearest
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,7 @@ def training_sample(img: np.ndarray, mask: np.ndarray, spec: InputSpec) -> tuple
     with nearest neighbours, as the official code.
     """
     x = preprocess(img, spec)
-    y = torch.from_numpy(pad_to_square(mask.astype(np.float32)[None]))[None]
-    y = torch.nn.functional.interpolate(y, size=(spec.size, spec.size), mode="nearest")[0]
+    y = torch.from_numpy(square_nearest(mask.astype(np.float32), spec.size))[None]
     return x, y
 
 

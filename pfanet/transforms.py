@@ -91,22 +91,67 @@ def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def _taps(n_in: int, n_out: int, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear resize n_in -> n_out along one axis, half-pixel centres, no antialiasing (`resize`): for output
+    positions `dst`, the two source indices and the weight of the second, computed as F.interpolate does."""
+    src = ((dst.to(torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).clamp(0, 1)
+
+
+def _padded_taps(side: int, size: int, offset: int, length: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Taps of a side -> size resize along an axis of the padded square, in the coordinates of the image that
+    fills [offset, offset + length) of it: (2, size) indices, and weights that are zero on the padding."""
+    i0, i1, w1 = _taps(side, size, torch.arange(size))
+    index = torch.stack([i0, i1]) - offset
+    weight = torch.stack([1 - w1, w1]) * ((index >= 0) & (index < length))
+    return index.clamp(0, length - 1).numpy(), weight
+
+
 def preprocess(rgb: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, size, size) network input."""
-    x = torch.from_numpy(pad_to_square(normalise(rgb, spec)))
-    return resize(x[None], spec.size)[0]
+    """(H, W, 3) uint8 RGB -> (3, size, size) network input: normalise, zero-pad to a centred square, resize.
+
+    Computed as `resize(pad_to_square(normalise(rgb)))` but from the few source pixels the resize reads, so memory
+    stays small for any image (a 20000 x 10 strip would otherwise become a 20000 x 20000 float square).
+    """
+    h, w = rgb.shape[:2]
+    side, top, left = square_offsets(h, w)
+    rows, rw = _padded_taps(side, spec.size, top, h)
+    cols, cw = _padded_taps(side, spec.size, left, w)
+    x = torch.from_numpy(normalise(rgb[np.ix_(rows.reshape(-1), cols.reshape(-1))], spec))  # (3, 2S, 2S)
+    x = x.unflatten(2, (2, spec.size))  # (3, 2S, 2, S): the two column taps
+    x = x[..., 0, :] * cw[0] + x[..., 1, :] * cw[1]  # (3, 2S, S)
+    x = x.unflatten(1, (2, spec.size))  # (3, 2, S, S): the two row taps
+    return (x[:, 0] * rw[0, :, None] + x[:, 1] * rw[1, :, None]).contiguous()
 
 
 def postprocess(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
     """(1, S, S) or (S, S) logits -> (height, width) uint8 saliency map, as the official demo.
 
-    The demo casts sigmoid x 255 to uint8 (truncating) before resizing back; we do the same, then round.
+    The demo casts sigmoid x 255 to uint8 (truncating), resizes back to the padded square and crops; we do the
+    same (then round), computing only the square's pixels that survive the crop.
     """
-    prob = torch.sigmoid(logits.float().reshape(1, 1, *logits.shape[-2:]))
-    m = torch.floor(prob * 255)
+    size = logits.shape[-1]
+    m = torch.floor(torch.sigmoid(logits.float().reshape(size, size)) * 255)
     side, top, left = square_offsets(height, width)
-    m = resize(m, side)[0, 0, top : top + height, left : left + width]
+    r0, r1, rw = _taps(size, side, torch.arange(top, top + height))
+    c0, c1, cw = _taps(size, side, torch.arange(left, left + width))
+    m = m[r0] * (1 - rw)[:, None] + m[r1] * rw[:, None]  # (height, S)
+    m = m[:, c0] * (1 - cw) + m[:, c1] * cw  # (height, width)
     return m.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def square_nearest(mask: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) mask -> zero-padded to a centred square and resized to (size, size) with nearest neighbours
+    (F.interpolate's "nearest": source floor(dst x side / size)), as the official code resizes masks."""
+    h, w = mask.shape
+    side, top, left = square_offsets(h, w)
+    src = (torch.arange(size, dtype=torch.float32) * (side / size)).floor().long().clamp(max=side - 1).numpy()
+    rows, cols = src - top, src - left
+    out = mask[np.ix_(rows.clip(0, h - 1), cols.clip(0, w - 1))].copy()
+    out[(rows < 0) | (rows >= h)] = 0
+    out[:, (cols < 0) | (cols >= w)] = 0
+    return out
 
 
 def edge_map(saliency: np.ndarray) -> np.ndarray:
