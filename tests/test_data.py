@@ -7,6 +7,8 @@ import logging
 import math
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,7 +27,16 @@ from pfanet.data import (
     read_pairs,
     training_sample,
 )
-from pfanet.transforms import OFFICIAL_INPUT, InputSpec
+from pfanet.transforms import (
+    OFFICIAL_INPUT,
+    InputSpec,
+    normalise,
+    pad_to_square,
+    postprocess,
+    preprocess,
+    square_nearest,
+    square_offsets,
+)
 
 PLAIN = InputSpec("RGB", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 32)  # no mean/std: values stay pixel values
 
@@ -229,6 +240,48 @@ def test_training_sample_pads_to_a_centred_square_bilinear_image_nearest_mask():
     np.testing.assert_allclose(x[:, 0, 8:24].numpy().T, np.tile([10 - 103.939, 20 - 116.779, 30 - 123.68], (16, 1)),
                                atol=1e-4)
     assert not x[:, :, :8].any()
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (3, 2), (17, 600), (300, 400), (255, 256), (200, 10)])
+def test_pre_and_post_processing_equal_the_padded_square_composition(h, w):
+    """preprocess/postprocess/square_nearest read only the pixels the resize uses; they must equal the plain
+    composition: zero-pad to the centred square, then F.interpolate (bilinear, half-pixel; nearest for masks)."""
+    rng = np.random.default_rng(h * w)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    spec = InputSpec("BGR", (104.0, 117.0, 123.0), (1.0, 2.0, 3.0), 64)
+    square = torch.from_numpy(pad_to_square(normalise(image, spec)))[None]
+    want = torch.nn.functional.interpolate(square, size=(64, 64), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(preprocess(image, spec), want, rtol=0, atol=2e-3)  # float32 summation order
+    logits = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(0)) * 3
+    side, top, left = square_offsets(h, w)
+    m = torch.floor(torch.sigmoid(logits)[None] * 255)
+    m = torch.nn.functional.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
+    want = m[0, 0, top : top + h, left : left + w].round().numpy()
+    got = postprocess(logits, h, w)
+    assert got.shape == (h, w) and np.abs(got.astype(int) - want).max() <= 1  # a tie may round the other way
+    assert (got == want).mean() > 0.999
+    mask = rng.random((h, w)).astype(np.float32)
+    want = torch.nn.functional.interpolate(torch.from_numpy(pad_to_square(mask[None]))[None], size=(64, 64))[0, 0]
+    np.testing.assert_array_equal(square_nearest(mask, 64), want.numpy())
+
+
+def test_extreme_aspect_ratios_do_not_build_the_padded_square():
+    """A 20000 x 10 strip pads to a 20000^2 square: 4.8 GB as float32 RGB. Peak memory must stay far below that."""
+    code = (
+        "import resource, numpy as np, torch\n"
+        "from pfanet.transforms import InputSpec, preprocess, postprocess, square_nearest\n"
+        "spec = InputSpec(size=64); preprocess(np.zeros((8, 8, 3), np.uint8), spec)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for h, w in ((20000, 10), (10, 20000)):\n"
+        "    x = preprocess(np.full((h, w, 3), 200, np.uint8), spec)\n"
+        "    m = postprocess(torch.zeros(1, 64, 64), h, w)\n"
+        "    y = square_nearest(np.ones((h, w), np.float32), 64)\n"
+        "    assert x.shape == (3, 64, 64) and m.shape == (h, w) and y.shape == (64, 64)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 200, f"peak memory grew by {out.stdout.strip()} MB"
 
 
 # ---- bad pairs ------------------------------------------------------------------------------------------------------
