@@ -279,7 +279,7 @@ def test_extreme_aspect_ratios_do_not_build_the_padded_square():
         "    assert x.shape == (3, 64, 64) and m.shape == (h, w) and y.shape == (64, 64)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) < 200, f"peak memory grew by {out.stdout.strip()} MB"
 
