@@ -26,7 +26,6 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -149,7 +148,15 @@ def create_app(predictor: Predictor, max_upload_mb: float = 20, max_pixels: int 
         return FileResponse(STATIC / "index.html", media_type="text/html",
                             headers={"Content-Security-Policy": PAGE_CSP})
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # The page's assets by name, listed once: a client's path is only a key into this table. (StaticFiles would
+    # resolve it on disk, stat-ing e.g. /tmp/x for /static/..%2f..%2ftmp%2fx before refusing it.)
+    assets = {p.name: p for p in STATIC.iterdir() if p.is_file()}
+
+    @app.api_route("/static/{name}", methods=["GET", "HEAD"], include_in_schema=False)
+    def asset(name: str) -> FileResponse:
+        if name not in assets:
+            raise HTTPException(404, "Not Found")
+        return FileResponse(assets[name])
 
     @app.get("/health")
     def health() -> dict:
