@@ -348,3 +348,31 @@ def test_sigint_and_sigterm_write_a_checkpoint_and_exit_cleanly(tmp_path, ecssd_
     assert "resumed" in log and "stopped by signal 15" in log and "Traceback" not in log
     state = load_state(out)
     assert state["global_step"] > stopped and state["step_in_epoch"] == state["global_step"] % 2
+
+
+def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path, ecssd_pairs):
+    """SIGKILL gives no chance to clean up: every checkpoint on disk must still be whole (atomic writes), and
+    --resume from the last one must end with exactly the weights of a run that was never killed."""
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(16))  # 8 steps per epoch at batch 2
+    recipe = tiny_recipe()
+    Trainer(recipe, options(data, tmp_path / "reference")).run()
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "pfanet.cli", "train", "--data", str(data), "-o", str(out), "--size", "32",
+               "--batch-size", "2", "--epochs", "2", "--save-steps", "2", "--workers", "0", "--no-progress"]
+    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    wait_for_step(out, 2, proc)  # mid-epoch 1, at least one step-checkpoint written
+    proc.kill()
+    proc.wait(timeout=60)
+    state = load_state(out)  # whole, not half-written
+    assert 0 < state["global_step"] < 16
+    read_checkpoint(out / "last.safetensors")
+    assert Recipe.from_dict(json.loads((out / "recipe.json").read_text())) == recipe
+
+    trainer = Trainer(recipe, options(data, out, resume=True))
+    trainer.run()
+    want, _ = read_checkpoint(tmp_path / "reference" / "last.safetensors")
+    got, _ = read_checkpoint(out / "last.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
