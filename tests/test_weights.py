@@ -229,6 +229,18 @@ def test_not_a_keras_file(tmp_path):
         load_official_h5(tmp_path / "text.h5")
 
 
+def test_truncated_h5_and_pth_files_are_refused_with_the_file_named(tmp_path, official_h5):
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(official_h5.read_bytes()[: official_h5.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="cut.h5"):
+        load_checkpoint(cut)
+    pth = tmp_path / "cut.pth"
+    torch.save(PFANet().state_dict(), pth)
+    pth.write_bytes(pth.read_bytes()[:1_000_000])
+    with pytest.raises(WeightsError, match="cut.pth"):
+        load_checkpoint(pth)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Our format: safetensors + JSON metadata
 
