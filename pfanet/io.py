@@ -23,6 +23,15 @@ class ImageTooLarge(ImageError):
     """An image over the pixel limit (refused before decoding); the server answers it with 413, not 415."""
 
 
+def _is_empty(source: str | os.PathLike | bytes) -> bool:
+    if isinstance(source, (bytes, bytearray)):
+        return not source
+    try:
+        return os.path.getsize(source) == 0
+    except OSError:
+        return False
+
+
 def _open(source: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
@@ -31,10 +40,16 @@ def _open(source: str | os.PathLike | bytes, name: str, max_pixels: int) -> Imag
     except IsADirectoryError as e:
         raise ImageError(f"{name}: is a directory") from e
     except UnidentifiedImageError as e:
+        if _is_empty(source):  # the commonest "not an image": an interrupted copy or download
+            raise ImageError(f"{name}: empty file (0 bytes)") from e
         raise ImageError(f"{name}: not an image (or an unsupported format)") from e
     except OSError as e:
         raise ImageError(f"{name}: cannot read ({e})") from e
+    except Exception as e:  # a plugin's parser failing on a malformed header (PPM raises ValueError)
+        raise ImageError(f"{name}: corrupt image header ({type(e).__name__}: {e})") from e
     w, h = img.size
+    if w * h > max_pixels or w < 1 or h < 1:
+        img.close()  # refused from the header: nothing decoded, and the file is not left open
     if w * h > max_pixels:
         raise ImageTooLarge(f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,}")
     if w < 1 or h < 1:
@@ -45,7 +60,8 @@ def _open(source: str | os.PathLike | bytes, name: str, max_pixels: int) -> Imag
 def _decode(img: Image.Image, name: str) -> Image.Image:
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+    except Exception as e:  # truncated or corrupt data: decoders raise OSError, ValueError, EOFError, ...
+        img.close()
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from e
     return img
 
