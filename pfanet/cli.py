@@ -210,7 +210,9 @@ def run_evaluate(args) -> int:
         for path in plot_curves(report, args.plots):
             print(f"wrote {path}", file=sys.stderr)
     scored = sum(s.n for ds in report.values() for s in ds.values())
-    return 0 if scored else fail("no image could be scored")
+    if not scored:
+        return fail("no image could be scored")
+    return 1 if skipped else 0  # as predict: the scores are written, and the exit status says something was left out
 
 
 def _threshold(text: str) -> float | None:

@@ -363,7 +363,7 @@ def test_evaluate_model_on_a_list_file(evaluated_model, corpus, case_id):
 
 def test_evaluate_model_counts(evaluated_model, corpus):
     skipped = [c for c in corpus.bad() if not c.resized]
-    assert evaluated_model.status == 0  # something was scored; what was skipped is listed and counted on stderr
+    assert evaluated_model.status == 1  # scored and written; the status says what was skipped (listed on stderr)
     assert f"{len(skipped)} maps or masks skipped" in evaluated_model.said
     assert evaluated_model.scores["n"] == len(corpus.cases) - len(skipped)
     assert all(v is not None and np.isfinite(v) for v in evaluated_model.scores.values())
@@ -399,7 +399,7 @@ def test_evaluate_folders(evaluated_folders, corpus, case_id):
 
 def test_evaluate_folders_counts(evaluated_folders, corpus):
     skipped = [c for c in corpus.bad() if not c.resized and c.id != "missing_mask"]
-    assert evaluated_folders.status == 0
+    assert evaluated_folders.status == 1
     assert f"{len(skipped)} maps or masks skipped" in evaluated_folders.said
     assert evaluated_folders.scores["n"] == len(corpus.cases) - len(skipped) - 1  # nor the map without a mask
     assert all(v is not None and np.isfinite(v) for v in evaluated_folders.scores.values())
