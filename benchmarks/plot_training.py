@@ -1,13 +1,17 @@
-"""Plot a run's training curve (loss, and validation MAE / max F when present) from its log.csv.
+"""Plot training curves (loss, and validation MAE / max F when present) from runs' log.csv files.
 
-    python benchmarks/plot_training.py RUN_DIR [-o docs/training_curve.png]
+    python benchmarks/plot_training.py RUN_DIR [RUN_DIR ...] [-o docs/training_curve.png]
+
+A run started with --init from another run's epoch_N.safetensors is drawn from epoch N on, so phases line up.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import pathlib
+import re
 
 import matplotlib
 
@@ -15,30 +19,39 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def epoch_offset(run: pathlib.Path) -> int:
+    """The epoch a fine-tuning run starts from: N of the epoch_N.safetensors its recipe's `init` names, else 0."""
+    recipe = run / "recipe.json"
+    init = json.loads(recipe.read_text()).get("init", "") if recipe.is_file() else ""
+    found = re.search(r"epoch_(\d+)\.safetensors$", init or "")
+    return int(found.group(1)) if found else 0
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="run folder holding log.csv")
-    ap.add_argument("-o", "--out", help="PNG path (default RUN/training_curve.png)")
+    ap.add_argument("runs", nargs="+", help="run folders holding log.csv")
+    ap.add_argument("-o", "--out", help="PNG path (default FIRST_RUN/training_curve.png)")
     args = ap.parse_args(argv)
-    rows = list(csv.DictReader(open(pathlib.Path(args.run) / "log.csv")))
-    epochs = [int(r["epoch"]) for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(epochs, [float(r["loss"]) for r in rows], "o-", label="train loss")
-    ax[0].set_xlabel("epoch")
+    for run in map(pathlib.Path, args.runs):
+        with (run / "log.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        offset = epoch_offset(run)
+        epochs = [offset + int(r["epoch"]) for r in rows]
+        ax[0].plot(epochs, [float(r["loss"]) for r in rows], "o-", label=f"{run.name}: train loss")
+        val = [r for r in rows if r.get("val_mae")]
+        if val:
+            ve = [offset + int(r["epoch"]) for r in val]
+            ax[1].plot(ve, [float(r["val_maxF"]) for r in val], "o-", label=f"{run.name}: val max F")
+            ax[1].plot(ve, [float(r["val_mae"]) for r in val], "s--", label=f"{run.name}: val MAE")
     ax[0].set_ylabel("loss (edge preservation loss + CA regulariser)")
-    ax[0].legend()
-    val = [r for r in rows if r.get("val_mae")]
-    if val:
-        ve = [int(r["epoch"]) for r in val]
-        ax[1].plot(ve, [float(r["val_maxF"]) for r in val], "o-", label="val max F")
-        ax[1].plot(ve, [float(r["val_mae"]) for r in val], "s-", label="val MAE")
-        ax[1].set_xlabel("epoch")
-        ax[1].legend()
     for a in ax:
+        a.set_xlabel("epoch")
+        a.legend(fontsize=8)
         a.grid(alpha=0.3)
-    fig.suptitle(f"training curve: {pathlib.Path(args.run).name}")
+    fig.suptitle("training curve: " + " -> ".join(pathlib.Path(r).name for r in args.runs))
     fig.tight_layout()
-    out = args.out or pathlib.Path(args.run) / "training_curve.png"
+    out = args.out or pathlib.Path(args.runs[0]) / "training_curve.png"
     fig.savefig(out, dpi=100)
     print(f"wrote {out}")
 
