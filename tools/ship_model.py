@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from pfanet.weights import load_checkpoint, save_checkpoint  # noqa: E402
+from pfanet.weights import load_checkpoint, save_checkpoint
 
 
 def val_log(run: pathlib.Path) -> list[dict]:
