@@ -342,14 +342,19 @@ def run_serve(args) -> int:
 
 
 def add_export(sub) -> None:
-    from .export import DEFAULT_OPSET, EXPORTERS
+    from .export import DEFAULT_CALIBRATION_COUNT, DEFAULT_OPSET, EXPORTERS
 
     p = sub.add_parser(
         "export", help="export the network to ONNX",
         description="Export the network to ONNX with a dynamic batch axis (and dynamic height/width, multiples of 32, "
                     "unless --static-size). The input convention (channel order, mean, std, size) and the weights' "
                     "metadata go into the model's metadata_props. The result is checked against PyTorch with "
-                    "onnxruntime. `pfanet predict --weights FILE.onnx` runs it.")
+                    "onnxruntime. `pfanet predict --weights FILE.onnx` runs it. With --int8 the graph is then "
+                    "statically quantised (onnxruntime), calibrated on real images.",
+        epilog="examples:\n"
+               "  pfanet export -o pfanet.onnx\n"
+               "  pfanet export -o pfanet-int8.onnx --int8 --calibration data/ecssd/train.txt --calibration-count 32",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default onnx)")
     p.add_argument("--weights", help="weights to export (default: the shipped model)")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
@@ -364,16 +369,58 @@ def add_export(sub) -> None:
     p.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
                    help="torch.onnx exporter (default torchscript: exact and fast here; dynamo needs onnxscript)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs PyTorch parity check")
+    p.add_argument("--int8", action="store_true",
+                   help="statically quantise to INT8: uint8 activations, int8 per-channel 7-bit weights, the logits "
+                        "layer and the per-image normalisation kept float (see docs/PERFORMANCE.md for when it pays)")
+    p.add_argument("--calibration", metavar="LIST_OR_DIR",
+                   help="with --int8, the calibration images: a list file ('image mask' per line), a benchmark folder "
+                        "or a folder of images (use training images, not the ones you evaluate on)")
+    p.add_argument("--calibration-count", type=int, default=DEFAULT_CALIBRATION_COUNT, metavar="N",
+                   help=f"calibrate on the first N images (default {DEFAULT_CALIBRATION_COUNT})")
     p.set_defaults(func=run_export)
 
 
 def run_export(args) -> int:
+    import pathlib
+    import tempfile
+
+    from .export import calibration_images, map_differences, quantize_onnx
+    from .predictor import Predictor
+
+    def fail(msg: str) -> int:
+        print(f"pfanet export: error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.size is not None and (args.size <= 0 or args.size % 32):
+        return fail(f"--size must be a positive multiple of 32, got {args.size}")
+    if args.int8 != bool(args.calibration):
+        return fail("--int8 needs --calibration LIST_OR_DIR (and --calibration goes with --int8)")
+    if args.calibration_count < 1:
+        return fail(f"--calibration-count must be at least 1, got {args.calibration_count}")
+    if args.int8:
+        images = calibration_images(args.calibration, args.calibration_count)
+        with tempfile.TemporaryDirectory(prefix="pfanet-export-") as tmp:
+            fp32 = pathlib.Path(tmp) / "fp32.onnx"
+            rc = _export_fp32(args, fp32, temporary=True)
+            if rc:
+                return rc
+            path = quantize_onnx(fp32, args.output, images)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): INT8, calibrated on {len(images)} images of "
+              f"{args.calibration}", file=sys.stderr)
+        if not args.no_check:
+            shown = images[:4]
+            worst, mean = map_differences(Predictor(args.weights, device="cpu"), Predictor(path, device="cpu"), shown)
+            print(f"INT8 vs PyTorch fp32 maps on {len(shown)} calibration images: max |difference| {worst:.0f} gray "
+                  f"levels, mean {mean:.2f}", file=sys.stderr)
+        return 0
+    return _export_fp32(args, pathlib.Path(args.output))
+
+
+def _export_fp32(args, output, temporary: bool = False) -> int:
+    """Write the fp32 graph to `output` and check it against PyTorch (`temporary`: the input of --int8)."""
     from .export import OnnxNetwork, check_parity, export_onnx, plan_export
     from .predictor import Predictor
 
-    if args.size is not None and (args.size <= 0 or args.size % 32):
-        print(f"pfanet export: error: --size must be a positive multiple of 32, got {args.size}", file=sys.stderr)
-        return 2
     predictor = Predictor(args.weights, device="cpu")
     if isinstance(predictor.model, OnnxNetwork):
         print(f"pfanet export: error: {args.weights} is already ONNX; export from the PyTorch weights", file=sys.stderr)
@@ -381,9 +428,10 @@ def run_export(args) -> int:
     plan = plan_export(predictor.model, predictor.spec, size=args.size,
                        output="probability" if args.probabilities else "logits", for_rembg=args.for_rembg,
                        dynamic_size=not args.static_size)
-    path = export_onnx(plan, args.output, predictor.meta, exporter=args.exporter, opset=args.opset)
+    path = export_onnx(plan, output, predictor.meta, exporter=args.exporter, opset=args.opset)
     spec = plan.input_spec
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): input NCHW {spec.channel_order}, mean {spec.mean}, "
+    what = "exported the fp32 graph" if temporary else f"wrote {path}"
+    print(f"{what} ({path.stat().st_size / 2**20:.1f} MiB): input NCHW {spec.channel_order}, mean {spec.mean}, "
           f"std {spec.std}, size {spec.size}; output {plan.output}", file=sys.stderr)
     if args.no_check:
         return 0

@@ -10,6 +10,9 @@ Two variants change what the graph itself does:
 - `for_rembg=True` makes a drop-in model for rembg's custom-model option: it takes rembg's input convention
   (RGB / 255, ImageNet mean/std, 320 x 320), converts it to the weights' convention inside the graph, resizes to the
   weights' size, and ends in a sigmoid.
+
+`quantize_onnx` turns an exported graph into a statically quantised INT8 one (onnxruntime's quantiser, calibrated on
+real images through `pfanet.transforms.preprocess`); it keeps the metadata, so `Predictor` runs it like any export.
 """
 
 from __future__ import annotations
@@ -17,17 +20,22 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import pathlib
+import tempfile
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import __version__
 from .transforms import IMAGENET_INPUT, InputSpec, normalise, resize
 from .weights import WeightsError, atomic_write
+
+log = logging.getLogger(__name__)
 
 META_KEY = "pfanet"
 FORMAT = "pfanet-onnx"
@@ -35,6 +43,8 @@ FORMAT_VERSION = 1
 OUTPUTS = ("logits", "probability")
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
+INT8_FORMATS = ("qdq", "qoperator")  # onnxruntime QuantFormat.QDQ / QuantFormat.QOperator
+DEFAULT_CALIBRATION_COUNT = 32
 # rembg's u2net sessions (session_simple.py): RGB resized to 320 x 320 (LANCZOS, aspect ratio not kept), divided by
 # the image's maximum (255 for ordinary photos), then ImageNet mean/std. In 0..255 units that is this InputSpec.
 REMBG_INPUT = dataclasses.replace(IMAGENET_INPUT, size=320)
@@ -223,6 +233,125 @@ def check_parity(plan: ExportPlan, path: str | os.PathLike, n: int = 2) -> float
     return float(np.abs(got - want).max())
 
 
+def calibration_images(source: str | os.PathLike, count: int = DEFAULT_CALIBRATION_COUNT) -> list[pathlib.Path]:
+    """The first `count` images of a list file ("image mask" per line), a benchmark folder or a folder of images."""
+    from .data import DataError, find_folder_pairs, read_pairs
+    from .io import list_images
+
+    source = pathlib.Path(source)
+    if source.is_dir() and find_folder_pairs(source) is None:
+        images = list_images(source)
+    else:
+        images = [img for img, _ in read_pairs(source)]
+    if not images:
+        raise DataError(f"{source}: no calibration images")
+    return images[:count]
+
+
+def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, images: list[str | os.PathLike], *,
+                  per_channel: bool = True, reduce_range: bool = True, quant_format: str = "qdq",
+                  progress: bool = True) -> pathlib.Path:
+    """Statically quantise an exported graph to INT8 with onnxruntime; returns the path written.
+
+    Activations become uint8 and weights int8, with ranges calibrated (min/max) on `images`, each put through
+    `pfanet.transforms.preprocess` in the graph's input convention, one at a time, as `Predictor` would. Two layers
+    stay float:
+    - the last convolution (the logits): 8 bits there would quantise the map itself, near logit 0 in steps of
+      several gray levels;
+    - the per-image normalisation (InstanceNormalization): it has no integer kernel, and the range of its input
+      changes from image to image by design.
+
+    Args:
+        src: an fp32 .onnx written by `export_onnx`.
+        dst: the INT8 .onnx to write (metadata copied from `src`, plus an "int8" entry saying how it was made).
+        images: calibration images (paths), e.g. from `calibration_images`.
+        per_channel: one weight scale per output channel (instead of one per tensor).
+        reduce_range: 7-bit weights. onnxruntime's uint8 x int8 kernels on CPUs without AVX-512 VNNI / AVX-VNNI
+            add pairs of products in int16 (vpmaddubsw), which saturates with full-range weights; on an AVX2-only
+            machine that moved maps of the shipped model by up to 85 gray levels (docs/PERFORMANCE.md).
+        quant_format: "qdq" (QuantizeLinear/DequantizeLinear pairs around float ops, fused by onnxruntime) or
+            "qoperator" (QLinearConv and friends).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .io import ImageError, load_image
+    from .transforms import preprocess
+
+    if quant_format not in INT8_FORMATS:
+        raise ValueError(f"quant_format must be one of {INT8_FORMATS}, got {quant_format!r}")
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    net = OnnxNetwork(src)
+    spec, meta, input_name = net.spec, net.meta, net.input_name
+    del net
+
+    class Reader(CalibrationDataReader):
+        """One preprocessed image per call; unreadable files are skipped with a warning."""
+
+        def __init__(self):
+            self.used = 0
+            self.it = iter(tqdm(images, desc="calibrating", unit="img", disable=not progress, dynamic_ncols=True))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            for path in self.it:
+                try:
+                    rgb = load_image(path)
+                except ImageError as e:
+                    log.warning("calibration: skipped %s", e)
+                    continue
+                self.used += 1
+                return {input_name: preprocess(rgb, spec)[None].numpy()}
+            return None
+
+    registry = QDQRegistry if quant_format == "qdq" else QLinearOpsRegistry
+    op_types = sorted(set(registry) - {"InstanceNormalization"})
+    with tempfile.TemporaryDirectory(prefix="pfanet-int8-") as tmp:
+        pre = pathlib.Path(tmp) / "pre.onnx"
+        # Shape inference and graph clean-up, as onnxruntime recommends; its symbolic shape inference gives up on
+        # the free height and width (ONNX's own shape inference still runs).
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        graph = onnx.load(str(pre)).graph
+        outputs = {o.name for o in graph.output}
+        logits_nodes = [n.name for n in graph.node if outputs & set(n.output)]
+        out = pathlib.Path(tmp) / "int8.onnx"
+        fmt = QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator
+        reader = Reader()
+        try:
+            quantize_static(
+                str(pre), str(out), reader, quant_format=fmt, op_types_to_quantize=op_types, per_channel=per_channel,
+                reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=logits_nodes)  # min/max calibration keeps two numbers per tensor and image
+        except ValueError:
+            if reader.used == 0:  # onnxruntime's own message ("No data is collected") would not say why
+                raise ImageError(f"none of the {len(images)} calibration images could be read") from None
+            raise
+        proto = onnx.load(str(out))
+    meta = dict(meta, int8={"format": quant_format, "per_channel": per_channel, "reduce_range": reduce_range,
+                            "activations": "uint8", "weights": "int8", "calibration": "minmax",
+                            "calibration_images": reader.used, "float_nodes": logits_nodes,
+                            "onnxruntime": ort.__version__})
+    del proto.metadata_props[:]
+    for prop in onnx.load(str(src), load_external_data=False).metadata_props:
+        proto.metadata_props.add(key=prop.key, value=json.dumps(meta, sort_keys=True) if prop.key == META_KEY
+                                 else prop.value)
+    proto.doc_string = ("PFANet saliency network (Zhao & Wu, CVPR 2019), exported by pfanet and statically quantised "
+                        "to INT8. Input convention and provenance in metadata_props (key 'pfanet').")
+    onnx.checker.check_model(proto)
+    atomic_write(dst, lambda tmp: onnx.save(proto, tmp))
+    return dst
+
+
+def map_differences(reference, candidate, images: list[str | os.PathLike]) -> tuple[float, float]:
+    """Max and mean |difference|, in gray levels, between two `Predictor`s' maps of the same images (e.g. an INT8
+    graph against the PyTorch weights it came from)."""
+    diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16))
+             for a, b in zip(reference.predict_batch(images), candidate.predict_batch(images))]
+    return float(max(d.max() for d in diffs)), float(np.mean([d.mean() for d in diffs]))
+
+
 class OnnxNetwork(nn.Module):
     """An exported PFANet graph run by onnxruntime, standing in for the PyTorch network behind `Predictor.logits`.
 
@@ -230,24 +359,28 @@ class OnnxNetwork(nn.Module):
     `pfanet.transforms.postprocess` is used unchanged.
     """
 
-    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu"):
+    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu", threads: int | None = None):
         super().__init__()
         self.path = pathlib.Path(path)
-        self.session = self.session_for(self.path, torch.device(device))
+        self.session = self.session_for(self.path, torch.device(device), threads)
         self.meta = read_metadata(self.session, self.path)
         self.spec = InputSpec.from_dict(self.meta["input"])
         self.input_name = self.session.get_inputs()[0].name
 
     @staticmethod
-    def session_for(path: str | os.PathLike, device: torch.device):
-        """An onnxruntime session on `device` (CUDA when asked for and available, else CPU)."""
+    def session_for(path: str | os.PathLike, device: torch.device, threads: int | None = None):
+        """An onnxruntime session on `device` (CUDA when asked for and available, else CPU), with `threads`
+        intra-op threads (None: onnxruntime's default, one per physical core)."""
         import onnxruntime as ort
 
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
         try:
-            return ort.InferenceSession(str(path), providers=providers)
+            return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
             raise WeightsError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
 
