@@ -67,6 +67,15 @@ def add_train(sub) -> None:
     p.set_defaults(func=run_train)
 
 
+def add_backend(p, default: str = "auto") -> None:
+    from .predictor import BACKENDS
+
+    what = {"auto": "the fastest faithful path: onnxruntime fp32 on the CPU, PyTorch channels_last + bf16 on a GPU",
+            "torch": "plain PyTorch fp32, the reference"}
+    p.add_argument("--backend", choices=BACKENDS, default=default,
+                   help=f"auto: {what['auto']}; torch: {what['torch']}; onnxruntime: always (default {default})")
+
+
 def run_train(args) -> int:
     """Exit status: 0 done (or --max-steps reached), 2 bad arguments or data, 3 the loss became NaN/Inf,
     128 + N stopped by signal N (SIGINT 130, SIGTERM 143) with a checkpoint to --resume from."""
@@ -149,6 +158,7 @@ def add_evaluate(sub) -> None:
     m.add_argument("--workers", type=int, default=2, help="scoring processes (default 2; 0: in this process)")
     m.add_argument("--limit", type=int, help="with --data: only the first N pairs of each dataset")
     m.add_argument("--device", help="with --data: cpu, cuda, ... (default: cuda when present)")
+    add_backend(m, default="torch")  # scores come from the reference path unless asked
     m.add_argument("--batch-size", type=int, default=4, help="with --data: images per forward pass (default 4)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_evaluate)
@@ -184,7 +194,7 @@ def run_evaluate(args) -> int:
             if name in datasets:
                 return fail(f"two datasets are both named {name!r}")
             datasets[name] = read_pairs(source)[: args.limit]
-        predictor = Predictor(args.weights, device=args.device, batch_size=args.batch_size)
+        predictor = Predictor(args.weights, device=args.device, batch_size=args.batch_size, backend=args.backend)
         name = args.name or pathlib.Path(args.weights or DEFAULT_WEIGHTS).stem.removesuffix(".weights")
         report = ev.evaluate_model(predictor, datasets, name, workers=args.workers, save_maps=args.save_maps,
                                    progress=progress)
@@ -263,6 +273,7 @@ def add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    add_backend(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
 
@@ -280,7 +291,7 @@ def run_predict(args) -> int:
         return fail("--batch-size and --workers must be at least 1")
 
     def make_predictor() -> Predictor:
-        return Predictor(args.weights, device=args.device, batch_size=args.batch_size)
+        return Predictor(args.weights, device=args.device, batch_size=args.batch_size, backend=args.backend)
 
     if "-" in args.inputs:
         if args.inputs != ["-"] or args.out:
@@ -324,6 +335,7 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--weights", metavar="FILE", help="model weights (default: the shipped model)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    add_backend(p)
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest upload in MB (default 20; 413 beyond)")
     p.add_argument("--max-pixels", type=int, help="largest image in pixels (default 50 million; 413 beyond)")
     p.add_argument("--timeout", type=float, default=60, help="seconds a request may wait (default 60; 504 beyond)")
@@ -337,7 +349,7 @@ def run_serve(args) -> int:
     from .serve import serve
 
     serve(args.host, args.port, args.weights, args.device, args.max_upload_mb, args.max_pixels, args.timeout,
-          args.max_queue, args.log_level)
+          args.max_queue, args.log_level, args.backend)
     return 0
 
 
@@ -533,9 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from .data import DataError
     from .io import ImageError
     from .weights import WeightsError
-    from .data import DataError
 
     try:
         return args.func(args)

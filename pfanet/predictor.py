@@ -6,6 +6,9 @@ this class, so there is one copy of the pipeline.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import os
 import pathlib
 import threading
@@ -20,6 +23,11 @@ from .model import PFANet
 from .transforms import InputSpec, postprocess, preprocess
 
 DEFAULT_WEIGHTS = pathlib.Path(__file__).parent / "weights" / "pfanet_ecssd.safetensors"
+# "auto" picks the fastest faithful path measured (docs/PERFORMANCE.md): ONNX Runtime fp32 on the CPU, PyTorch with
+# channels_last + bf16 autocast on a GPU. "torch" is plain PyTorch fp32 (the reference every path is checked against).
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+log = logging.getLogger(__name__)
 
 ImageInput = str | os.PathLike | bytes | np.ndarray | Image.Image
 
@@ -55,10 +63,14 @@ class Predictor:
         batch_size: images per forward pass in `predict_batch`.
         model: an already built model (used as is, e.g. during training); needs `spec`.
         spec: the input convention of `model`.
+        backend: "torch" (default here: plain PyTorch), "onnxruntime" (the weights exported once to an ONNX graph,
+            cached by content under `onnx_cache_dir()`), or "auto" (what `pfanet predict` and `pfanet serve` use:
+            onnxruntime on the CPU, PyTorch with channels_last and bf16 autocast on a GPU). Weights that are already
+            .onnx always run on onnxruntime; a model passed in memory always on PyTorch.
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | None = None, batch_size: int = 4,
-                 model: PFANet | None = None, spec: InputSpec | None = None):
+                 model: PFANet | None = None, spec: InputSpec | None = None, backend: str = "torch"):
         from .weights import load_checkpoint  # here to keep `import pfanet.predictor` light
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,21 +86,53 @@ class Predictor:
                 from .export import load_onnx
 
                 model, spec, self.meta = load_onnx(path, self.device)
+                self.backend = "onnxruntime"
             else:
                 model, spec, self.meta = load_checkpoint(path)
+                model = self._select_backend(model, spec, path, backend)
             self.source = str(path)
         else:
-            self.meta, self.source = {}, "a model passed in memory"
+            self.meta, self.source, self.backend = {}, "a model passed in memory", "torch"
         if spec is None:
             raise ValueError("a model passed directly needs its InputSpec")
         self.model, self.spec, self.batch_size = model.to(self.device).eval(), spec, batch_size
+        # On a GPU the fast path is NHWC convolutions in bf16; the logits come back as float32 all the same.
+        self.gpu_fast = backend == "auto" and self.backend == "torch" and self.device.type == "cuda"
+        if self.gpu_fast:
+            self.model.to(memory_format=torch.channels_last)
         self._lock = threading.Lock()
+
+    def _select_backend(self, model: PFANet, spec: InputSpec, path: pathlib.Path, backend: str) -> torch.nn.Module:
+        """The network to run for `backend`: the PyTorch model, or its ONNX Runtime twin on the CPU."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            backend = "onnxruntime" if self.device.type == "cpu" and _has_onnxruntime() else "torch"
+        self.backend = backend
+        if backend == "torch":
+            return model
+        from .export import OnnxNetwork, export_onnx, plan_export
+
+        graph = onnx_cache_dir() / f"{_content_key(path)}.onnx"
+        try:
+            if not graph.is_file():
+                graph.parent.mkdir(parents=True, exist_ok=True)
+                export_onnx(plan_export(model, spec), graph, self.meta)
+            return OnnxNetwork(graph, self.device)
+        except Exception as e:  # noqa: BLE001 -- a read-only cache, a failed export...: still predict, with PyTorch
+            log.warning("%s: running on PyTorch, not onnxruntime (%s: %s)", path, type(e).__name__, e)
+            self.backend = "torch"
+            return model
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Network logits for a preprocessed batch (N, 3, size, size); one caller at a time."""
-        with self._lock:
-            return self.model(x.to(self.device)).float().cpu()
+        x = x.to(self.device)
+        fast = torch.autocast("cuda", dtype=torch.bfloat16) if self.gpu_fast else contextlib.nullcontext()
+        with self._lock, fast:
+            if self.gpu_fast:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.model(x).float().cpu()
 
     def predict(self, image: ImageInput) -> np.ndarray:
         """One image -> (H, W) uint8 saliency map at the image's original size."""
@@ -121,3 +165,33 @@ class Predictor:
 
         rgb = as_rgb(image)
         return render(rgb, self.predict_rgb([rgb])[0], kinds, threshold)
+
+
+def onnx_cache_dir() -> pathlib.Path:
+    """Where the onnxruntime backend keeps the graphs it exports: $PFANET_CACHE, else $XDG_CACHE_HOME/pfanet (or
+    ~/.cache/pfanet), subfolder onnx."""
+    root = os.environ.get("PFANET_CACHE") or pathlib.Path(os.environ.get("XDG_CACHE_HOME") or
+                                                          pathlib.Path.home() / ".cache") / "pfanet"
+    return pathlib.Path(root) / "onnx"
+
+
+def _content_key(path: pathlib.Path) -> str:
+    """The weights' bytes and the versions that shape the exported graph: a changed file is exported again."""
+    import onnxruntime
+
+    from . import __version__
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(f"{__version__} {torch.__version__} {onnxruntime.__version__}".encode())
+    return digest.hexdigest()[:32]
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True

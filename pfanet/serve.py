@@ -161,7 +161,7 @@ def create_app(predictor: Predictor, max_upload_mb: float = 20, max_pixels: int 
     @app.get("/health")
     def health() -> dict:
         """Liveness and what is loaded: the model's input convention and the server's limits."""
-        return {"status": "ok", "version": __version__, "device": str(predictor.device),
+        return {"status": "ok", "version": __version__, "device": str(predictor.device), "backend": predictor.backend,
                 "input": predictor.spec.to_dict(), "weights": predictor.source,
                 "limits": {"max_upload_mb": max_upload_mb, "max_pixels": max_pixels, "timeout_s": timeout_s,
                            "max_queue": max_queue}}
@@ -223,10 +223,10 @@ class BackgroundServer:
 
 def serve(host: str = "127.0.0.1", port: int = 8000, weights: str | None = None, device: str | None = None,
           max_upload_mb: float = 20, max_pixels: int | None = None, timeout_s: float = 60, max_queue: int = 8,
-          log_level: str = "info") -> None:
+          log_level: str = "info", backend: str = "auto") -> None:
     """Load the model, then serve until interrupted (`max_pixels` None: `MAX_PIXELS`)."""
     import uvicorn
 
-    predictor = Predictor(weights, device=device, batch_size=1)
+    predictor = Predictor(weights, device=device, batch_size=1, backend=backend)
     app = create_app(predictor, max_upload_mb, max_pixels or MAX_PIXELS, timeout_s, max_queue)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -14,6 +14,22 @@ ECSSD = REPO.parent / "shared" / "data" / "ecssd"
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """The onnxruntime backend's exported graphs go to a folder of this session (servers started as subprocesses
+    inherit it), never to the user's ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("pfanet-cache")
+    old = os.environ.get("PFANET_CACHE")
+    os.environ["PFANET_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("PFANET_CACHE", None)
+    else:
+        os.environ["PFANET_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def ecssd() -> pathlib.Path:
     """The ECSSD folder (images/, masks/, train.txt, val.txt, test.txt). Tests must never read test.txt."""

@@ -8,6 +8,7 @@ which is all these checks need.
 from __future__ import annotations
 
 import io
+import pathlib
 import shutil
 import sys
 import threading
@@ -17,13 +18,13 @@ import pytest
 from PIL import Image
 
 from pfanet import cli
-from pfanet.predictor import Predictor
+from pfanet.predictor import Predictor, _content_key
 from pfanet.weights import WeightsError
 
 
 @pytest.fixture(scope="module")
 def predictor(weights):
-    return Predictor(weights, device="cpu", batch_size=3)
+    return Predictor(weights, device="cpu", batch_size=3, backend="auto")  # what `pfanet predict` runs
 
 
 @pytest.fixture(scope="module")
@@ -332,3 +333,32 @@ def test_glob_patterns(capsys, tmp_path, weights, images):
         "deep/two.png", "one.png"]
     status, err = run(capsys, "predict", f"{tmp_path}/in/*.gif", "--weights", weights, "-o", tmp_path / "out")
     assert status == 1 and "no image matches" in err
+
+
+# ---- backends -------------------------------------------------------------------------------------------------------
+
+
+def test_onnxruntime_backend_exports_once_and_matches_pytorch(weights, images, onnx_cache):
+    torch_maps = Predictor(weights, device="cpu", backend="torch").predict_batch(images[:3])
+    fast = Predictor(weights, device="cpu", backend="onnxruntime")
+    assert fast.backend == "onnxruntime" and type(fast.model).__name__ == "OnnxNetwork"
+    graph = onnx_cache / "onnx" / f"{_content_key(pathlib.Path(weights))}.onnx"  # keyed by the weights' bytes
+    assert fast.model.path == graph
+    stamp = graph.stat().st_mtime_ns
+    for want, got in zip(torch_maps, fast.predict_batch(images[:3]), strict=True):
+        assert got.shape == want.shape
+        assert np.abs(got.astype(int) - want).max() <= 1  # float rounding may cross a gray level
+        assert (got == want).mean() > 0.999
+    again = Predictor(weights, device="cpu", backend="auto")  # auto on the CPU: the same cached graph
+    assert again.backend == "onnxruntime" and again.model.path == graph and graph.stat().st_mtime_ns == stamp
+
+
+def test_backend_falls_back_to_pytorch_when_the_cache_cannot_be_written(weights, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("PFANET_CACHE", str(blocker))
+    p = Predictor(weights, device="cpu", backend="onnxruntime")
+    assert p.backend == "torch" and "running on PyTorch" in caplog.text
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Predictor(weights, device="cpu", backend="tensorrt")
+    assert Predictor(weights, device="cpu").backend == "torch"  # the Python default is the reference

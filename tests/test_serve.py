@@ -242,6 +242,7 @@ def test_the_serve_command(weights):
                 assert time.monotonic() < deadline, "pfanet serve did not start"
                 time.sleep(0.5)
         assert r.status_code == 200 and r.json()["weights"] == str(weights)
+        assert r.json()["backend"] == "onnxruntime"  # --backend auto on the CPU: the fastest faithful path
     finally:
         proc.terminate()
         proc.wait(30)
