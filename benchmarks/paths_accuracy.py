@@ -2,7 +2,7 @@
 scored against the ground truth (MAE, max F; pysodmetrics through `pfanet.evaluate`) and compared map by map with
 eager fp32 (max and mean |difference| in gray levels).
 
-    python benchmarks/paths_accuracy.py --json benchmarks/results/paths_accuracy.json        # all 200 val images
+    python benchmarks/paths_accuracy.py --json benchmarks/results/paths_accuracy.json        # all 100 val images
     python benchmarks/paths_accuracy.py --limit 8 --paths eager,ort,int8                      # development
 
 The paths are built exactly as benchmarks/perf.py times them (eager, channels_last, torch.compile, ONNX Runtime
