@@ -50,9 +50,8 @@ def _open(source: str | os.PathLike | bytes, name: str, max_pixels: int) -> Imag
     w, h = img.size
     if w * h > max_pixels or w < 1 or h < 1:
         img.close()  # refused from the header: nothing decoded, and the file is not left open
-    if w * h > max_pixels:
-        raise ImageTooLarge(f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,}")
-    if w < 1 or h < 1:
+        if w * h > max_pixels:
+            raise ImageTooLarge(f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,}")
         raise ImageError(f"{name}: empty image ({w}x{h})")
     return img
 
