@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 import warnings
 
@@ -45,6 +46,10 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
 INT8_FORMATS = ("qdq", "qoperator")  # onnxruntime QuantFormat.QDQ / QuantFormat.QOperator
 DEFAULT_CALIBRATION_COUNT = 32
+# The check of a graph against PyTorch (`pfanet export`; the auto path's cache, once, on one small image): max |logit|
+# difference. Both exporters measured ~4e-6 on this network.
+PARITY_TOLERANCE = 1e-4
+PARITY_SIZE = 64
 # rembg's u2net sessions (session_simple.py): RGB resized to 320 x 320 (LANCZOS, aspect ratio not kept), divided by
 # the image's maximum (255 for ordinary photos), then ImageNet mean/std. In 0..255 units that is this InputSpec.
 REMBG_INPUT = dataclasses.replace(IMAGENET_INPUT, size=320)
@@ -146,6 +151,7 @@ def metadata(plan: ExportPlan, weights_meta: dict, exporter: str, opset: int) ->
         "config": weights_meta.get("config", {}),
         "weights_input": weights_meta.get("input", {}),
         "training": weights_meta.get("training", {}),
+        "weights_sha256": weights_meta.get("weights_sha256"),  # of the file exported (None: not from a file)
         "exporter": exporter,
         "opset": opset,
         "torch": torch.__version__,
@@ -223,9 +229,10 @@ def example_batch(spec: InputSpec, n: int, seed: int = 0) -> np.ndarray:
     return np.stack([normalise(p, spec) for p in pixels])
 
 
-def check_parity(plan: ExportPlan, path: str | os.PathLike, n: int = 2) -> float:
-    """Max |difference| between onnxruntime on `path` and PyTorch on `plan.network`, for n random images."""
-    x = example_batch(plan.input_spec, n, seed=1)
+def check_parity(plan: ExportPlan, path: str | os.PathLike, n: int = 2, size: int | None = None) -> float:
+    """Max |difference| between onnxruntime on `path` and PyTorch on `plan.network`, for n random images (of `size`,
+    default the graph's input size; a graph with a fixed size needs that one)."""
+    x = example_batch(dataclasses.replace(plan.input_spec, size=size or plan.input_spec.size), n, seed=1)
     session = OnnxNetwork.session_for(path, torch.device("cpu"))
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     with torch.inference_mode():
@@ -250,7 +257,7 @@ def calibration_images(source: str | os.PathLike, count: int = DEFAULT_CALIBRATI
 
 def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, images: list[str | os.PathLike], *,
                   per_channel: bool = True, reduce_range: bool = True, quant_format: str = "qdq",
-                  progress: bool = True) -> pathlib.Path:
+                  progress: bool = True, cache: bool = True) -> pathlib.Path:
     """Statically quantise an exported graph to INT8 with onnxruntime; returns the path written.
 
     Activations become uint8 and weights int8, with ranges calibrated (min/max) on `images`, each put through
@@ -271,6 +278,9 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, images: list[s
             machine that moved maps of the shipped model by up to 85 gray levels (docs/PERFORMANCE.md).
         quant_format: "qdq" (QuantizeLinear/DequantizeLinear pairs around float ops, fused by onnxruntime) or
             "qoperator" (QLinearConv and friends).
+        cache: also copy the graph to the cache entry of the weights it was made from (`predictor.int8_cache_path`),
+            where `Predictor(backend="auto" | "int8")` finds it. Only a graph of the weights' own input convention
+            and logits, exported from a weights file (its SHA-256 in the metadata), is cached.
     """
     import onnx
     import onnxruntime as ort
@@ -341,6 +351,13 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, images: list[s
                         "to INT8. Input convention and provenance in metadata_props (key 'pfanet').")
     onnx.checker.check_model(proto)
     atomic_write(dst, lambda tmp: onnx.save(proto, tmp))
+    if cache and meta.get("weights_sha256") and meta["output"] == "logits" and meta["input"] == meta["weights_input"]:
+        from .predictor import int8_cache_path
+
+        entry = int8_cache_path(meta["weights_sha256"])
+        atomic_write(entry, lambda tmp: shutil.copyfile(dst, tmp))
+        log.info("cached %s as %s: --backend auto uses it on CPUs with VNNI or AMX, --backend int8 anywhere", dst,
+                 entry)
     return dst
 
 

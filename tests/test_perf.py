@@ -1,21 +1,27 @@
-"""INT8 export (`pfanet export --int8`): a quantised graph that Predictor runs, close to the fp32 export; and a smoke
-run of benchmarks/perf.py on tiny settings."""
+"""INT8 export (`pfanet export --int8`): a quantised graph that Predictor runs, close to the fp32 export; how
+`--backend auto` chooses between INT8, ONNX Runtime fp32 and PyTorch (CPU flags, graphs tied to the weights by
+SHA-256, the cache's own check); the shipped INT8 graph; and a smoke run of benchmarks/perf.py on tiny settings."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import pathlib
+import shutil
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pfanet import export, hardware
 from pfanet.cli import main
 from pfanet.export import calibration_images
-from pfanet.io import load_image
-from pfanet.predictor import Predictor
+from pfanet.io import load_image, load_mask
+from pfanet.predictor import DEFAULT_WEIGHTS, Predictor, file_sha256, int8_cache_path, int8_path
+from pfanet.weights import WeightsError, load_checkpoint, save_checkpoint
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -24,12 +30,25 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def int8(weights, ecssd, tmp_path_factory):
+def int8_cache(tmp_path_factory):
+    """The cache `pfanet export --int8` writes its entry to (this module's own, so other tests never see it)."""
+    return tmp_path_factory.mktemp("int8-cache")
+
+
+@pytest.fixture(scope="module")
+def int8(weights, ecssd, tmp_path_factory, int8_cache):
     """The tiny random-weight model exported as INT8, calibrated on 4 ECSSD train images."""
     path = tmp_path_factory.mktemp("int8") / "int8.onnx"
-    assert main(["export", "--weights", str(weights), "-o", str(path), "--int8", "--calibration",
-                 str(ecssd / "train.txt"), "--calibration-count", "4", "--no-check"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PFANET_CACHE", str(int8_cache))
+        assert main(["export", "--weights", str(weights), "-o", str(path), "--int8", "--calibration",
+                     str(ecssd / "train.txt"), "--calibration-count", "4", "--no-check"]) == 0
     return path
+
+
+def cpu(monkeypatch, *flags: str) -> None:
+    """Pretend the CPU has exactly these /proc/cpuinfo flags."""
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
 
 
 def _producer(graph, tensor: str):
@@ -103,6 +122,124 @@ def test_calibration_images_from_a_list_a_benchmark_folder_and_a_plain_folder(tm
     listing = tmp_path / "list.txt"
     listing.write_text("c.jpg a.png\nb.png a.png\n")
     assert calibration_images(listing, 5) == [tmp_path / "c.jpg", tmp_path / "b.png"]
+
+
+# ---- which path --backend auto runs ---------------------------------------------------------------------------------
+
+CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_int8\n\n" \
+          "processor\t: 1\nflags\t\t: fpu\n"
+
+
+def test_cpu_flags_come_from_cpuinfo_and_name_the_int8_instructions():
+    flags = hardware.cpu_flags(CPUINFO)
+    assert {"avx2", "avx512_vnni", "amx_int8"} <= flags and "GenuineIntel" not in flags
+    assert hardware.int8_instructions(flags) == "amx_int8"
+    assert hardware.int8_instructions(frozenset({"avx2", "avx_vnni"})) == "avx_vnni"
+    assert hardware.int8_instructions(frozenset({"avx2", "fma", "avx512f", "avx512bw"})) is None  # no VNNI: no
+    assert hardware.cpu_flags("processor\t: 0\n") == frozenset()
+
+
+def test_auto_runs_int8_where_the_cpu_has_vnni_or_amx_and_export_made_a_graph(weights, int8, int8_cache, monkeypatch,
+                                                                              caplog):
+    monkeypatch.setenv("PFANET_CACHE", str(int8_cache))
+    caplog.set_level(logging.INFO, logger="pfanet.predictor")
+    sha = file_sha256(weights)
+    entry = int8_cache_path(sha)  # left by `pfanet export --int8` (the fixture), a copy of its output
+    assert entry.read_bytes() == int8.read_bytes()
+    assert json.loads({p.key: p.value for p in onnx.load(str(entry)).metadata_props}["pfanet"])["weights_sha256"] == sha
+    for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        cpu(monkeypatch, "avx2", flag)
+        p = Predictor(weights, device="cpu", backend="auto")
+        assert (p.backend, p.model.path) == ("int8", entry) and flag in p.backend_reason
+    assert f"backend int8: auto: the CPU has amx_int8; {entry} was made from these weights" in caplog.text
+    for flags in (("avx2", "fma", "avx512f"), ()):
+        cpu(monkeypatch, *flags)
+        p = Predictor(weights, device="cpu", backend="auto")
+        assert p.backend == "onnxruntime" and "INT8 no faster" in p.backend_reason
+        assert Predictor(weights, device="cpu", backend="int8").backend == "int8"  # forced: on any CPU
+    cpu(monkeypatch, "avx512_vnni")
+    assert Predictor(weights, device="cpu", backend="onnxruntime").backend == "onnxruntime"
+    assert Predictor(weights, device="cpu", backend="torch").backend == "torch"
+
+
+def test_a_graph_beside_the_weights_counts_only_while_it_matches_them(weights, int8, ecssd_val_pairs, tmp_path,
+                                                                      monkeypatch, caplog, capsys):
+    monkeypatch.setenv("PFANET_CACHE", str(tmp_path / "cache"))  # no cache entries
+    cpu(monkeypatch, "avx512_vnni")
+    own = tmp_path / "model.safetensors"
+    shutil.copyfile(weights, own)
+    p = Predictor(own, device="cpu", backend="auto")  # a user's weights, no INT8 graph made: fp32
+    assert p.backend == "onnxruntime" and "no INT8 graph" in p.backend_reason
+    shutil.copyfile(int8, int8_path(own))  # made from the same bytes
+    p = Predictor(own, device="cpu", backend="auto")
+    assert (p.backend, p.model.path) == ("int8", int8_path(own))
+    model, spec, meta = load_checkpoint(own)  # new weights in the same file: the graph beside them is now stale
+    with torch.no_grad():
+        model.fusion.bias += 0.5
+    save_checkpoint(own, model, spec, meta.get("training", {}))
+    caplog.clear()
+    p = Predictor(own, device="cpu", backend="auto")
+    assert p.backend == "onnxruntime" and "made from other weights" in caplog.text and "stale" in caplog.text
+    with pytest.raises(WeightsError, match=r"no INT8 graph made from these weights.*pfanet export --weights"):
+        Predictor(own, device="cpu", backend="int8")
+    image = str(ecssd_val_pairs(1)[0][0])
+    assert main(["predict", image, "--weights", str(own), "--backend", "int8", "-o", str(tmp_path / "out")]) == 2
+    assert "`pfanet export --weights" in capsys.readouterr().err
+
+
+def test_the_fp32_cache_entry_is_checked_when_made_and_a_wrong_graph_falls_back_to_pytorch(weights, tmp_path,
+                                                                                           monkeypatch, caplog):
+    monkeypatch.setenv("PFANET_CACHE", str(tmp_path))
+    real = export.export_onnx
+
+    def corrupted(plan, path, meta=None, **kw):  # an exporter that gets one weight wrong
+        real(plan, path, meta, **kw)
+        proto = onnx.load(str(path))
+        w = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+        w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 1.01, w.name))
+        onnx.save(proto, str(path))
+        return pathlib.Path(path)
+
+    monkeypatch.setattr(export, "export_onnx", corrupted)
+    p = Predictor(weights, device="cpu", backend="onnxruntime")
+    assert p.backend == "torch" and "differs from PyTorch" in caplog.text and "running on PyTorch" in caplog.text
+    assert not list((tmp_path / "onnx").iterdir())  # nothing cached, no temporary file left
+    monkeypatch.setattr(export, "export_onnx", real)
+    p = Predictor(weights, device="cpu", backend="auto")
+    assert p.backend == "onnxruntime" and len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
+
+
+def test_health_reports_the_backend_and_why(weights, monkeypatch):
+    import httpx
+
+    from pfanet.serve import BackgroundServer, create_app
+
+    cpu(monkeypatch, "avx2")
+    with BackgroundServer(create_app(Predictor(weights, device="cpu", backend="auto"))) as url:
+        body = httpx.get(url + "/health").json()
+    assert body["backend"] == "onnxruntime" and "avx512_vnni" in body["backend_reason"]
+
+
+SHIPPED_INT8 = int8_path(DEFAULT_WEIGHTS)
+
+
+@pytest.mark.skipif(not SHIPPED_INT8.is_file(), reason=f"no {SHIPPED_INT8}: shipping a model writes it (for the file "
+                    "there: python tools/ship_model.py --int8-only pfanet/weights/pfanet_ecssd.safetensors)")
+def test_shipped_int8_graph_is_made_from_the_shipped_weights_and_follows_their_maps(ecssd_val_pairs):
+    pairs = ecssd_val_pairs(6)
+    images = [load_image(img) for img, _ in pairs]
+    int8 = Predictor(device="cpu", backend="int8")  # an error if the graph beside the weights is stale
+    assert int8.model.path == SHIPPED_INT8 and int8.model.meta["int8"]["calibration_images"] >= 16
+    want = Predictor(device="cpu", backend="torch").predict_batch(images)
+    got = int8.predict_batch(images)
+    diffs = [np.abs(a.astype(int) - b.astype(int)) for a, b in zip(want, got, strict=True)]
+    masks = [load_mask(mask) / 255 for _, mask in pairs]
+    def mae(maps):
+        return np.mean([np.abs(m / 255 - gt).mean() for m, gt in zip(maps, masks, strict=True)])
+    # Measured (docs/PERFORMANCE.md): ...
+    assert max(d.max() for d in diffs) <= 40
+    assert np.mean([d.mean() for d in diffs]) <= 1.5
+    assert abs(mae(got) - mae(want)) <= 0.002
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,15 @@
 The metadata keeps the checkpoint's own training record (recipe, epoch, seed, data lists) and adds: the run's
 validation log (every epoch's val MAE / max F from log.csv), the record of the checkpoint it was fine-tuned from
 (recipe `init`), what it was selected on, and a status line. fp16 halves the file (about 33 MB); predictions upcast.
+
+It then writes the model's INT8 graph beside it (OUT with .int8.onnx: `pfanet.predictor.int8_path`), which
+`--backend auto` runs on CPUs with VNNI or AMX: the fp32 export of the file just written, checked against PyTorch,
+statically quantised (`pfanet.export.quantize_onnx`), calibrated on the first --calibration-count images of
+--calibration (DUTS-TR train by default; never test images), with the SHA-256 of OUT in its metadata so that a graph
+left beside other weights is never used. --no-int8 skips it; for a file already shipped, --int8-only writes just
+its graph:
+
+    python tools/ship_model.py --int8-only pfanet/weights/pfanet_ecssd.safetensors
 """
 
 from __future__ import annotations
@@ -14,11 +23,15 @@ import argparse
 import csv
 import pathlib
 import sys
+import tempfile
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pfanet.weights import load_checkpoint, save_checkpoint
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CALIBRATION = REPO.parent / "shared" / "data" / "duts-tr" / "train.txt"
 
 
 def val_log(run: pathlib.Path) -> list[dict]:
@@ -27,13 +40,47 @@ def val_log(run: pathlib.Path) -> list[dict]:
                 for r in csv.DictReader(f) if r.get("val_mae")]
 
 
+def write_int8(weights: pathlib.Path, calibration: pathlib.Path, count: int) -> pathlib.Path:
+    """The INT8 graph of `weights`, beside them; its fp32 source is checked against PyTorch first."""
+    from pfanet.export import (PARITY_TOLERANCE, calibration_images, check_parity, export_onnx, plan_export,
+                               quantize_onnx)
+    from pfanet.predictor import Predictor, int8_path
+
+    if "test" in calibration.name:
+        raise SystemExit(f"{calibration}: calibrate on training images, never on a test list")
+    images = calibration_images(calibration, count)
+    fp32_model = Predictor(weights, device="cpu", backend="torch")  # its meta carries the file's SHA-256
+    plan = plan_export(fp32_model.model, fp32_model.spec)
+    with tempfile.TemporaryDirectory(prefix="ship-int8-") as tmp:
+        fp32 = export_onnx(plan, pathlib.Path(tmp) / "fp32.onnx", fp32_model.meta)
+        diff = check_parity(plan, fp32)
+        if not diff <= PARITY_TOLERANCE:
+            raise SystemExit(f"the fp32 export differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g})")
+        out = quantize_onnx(fp32, int8_path(weights), images, cache=False)
+    out.chmod(0o644)  # a package file, readable by all (the atomic write made it 0600)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): INT8 of {weights.name} (SHA-256 "
+          f"{fp32_model.meta['weights_sha256'][:16]}...), calibrated on {len(images)} images of {calibration}",
+          file=sys.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="the chosen .safetensors of a run (e.g. its best.safetensors)")
-    ap.add_argument("--run", required=True, help="the run folder (its log.csv holds the validation history)")
-    ap.add_argument("--status", required=True, help="one line: where this model stands")
-    ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--run", help="the run folder (its log.csv holds the validation history)")
+    ap.add_argument("--status", help="one line: where this model stands")
+    ap.add_argument("-o", "--out")
+    ap.add_argument("--calibration", type=pathlib.Path, default=CALIBRATION,
+                    help=f"INT8 calibration images: a training list file or folder (default {CALIBRATION})")
+    ap.add_argument("--calibration-count", type=int, default=32, help="the first N of them (default 32)")
+    ap.add_argument("--no-int8", action="store_true", help="do not write the INT8 graph")
+    ap.add_argument("--int8-only", action="store_true", help="CHECKPOINT is a shipped file: write only its INT8 graph")
     args = ap.parse_args(argv)
+    if args.int8_only:
+        write_int8(pathlib.Path(args.checkpoint), args.calibration, args.calibration_count)
+        return 0
+    if not (args.run and args.status and args.out):
+        ap.error("--run, --status and -o are required (unless --int8-only)")
 
     model, spec, meta = load_checkpoint(args.checkpoint)
     training = dict(meta.get("training", {}))
@@ -46,6 +93,8 @@ def main(argv=None) -> int:
     save_checkpoint(args.out, model, spec, training, dtype=torch.float16)
     print(f"wrote {args.out}: epoch {training.get('epoch')} of {training.get('recipe', {}).get('name')}, val "
           f"{training.get('val_scores')}", file=sys.stderr)
+    if not args.no_int8:
+        write_int8(pathlib.Path(args.out), args.calibration, args.calibration_count)
     return 0
 
 
