@@ -237,6 +237,12 @@ def _threshold(text: str) -> float | None:
     return value
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, at least 1")
+    return int(text)
+
+
 def _kinds(text: str) -> tuple[str, ...]:
     from .outputs import parse_kinds
 
@@ -261,52 +267,38 @@ def add_predict(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders, glob patterns, or -")
     p.add_argument("-o", "--out", metavar="DIR", help="output folder (required unless the input is -)")
-    p.add_argument("--weights", metavar="FILE",
-                   help="model weights: .safetensors (pfanet), official .h5 or .pth (default: the shipped model)")
-    p.add_argument("--outputs", type=_kinds, default=("map",), metavar="KINDS",
-                   help="comma-separated, from map,mask,edge,cutout,overlay (default: map)")
+    _add_prediction_options(p)
     p.add_argument("--edges", action="store_true", help="shorthand for adding edge to --outputs")
-    p.add_argument("--threshold", type=_threshold, default=None, metavar="T",
-                   help="mask = map >= T: 'adaptive' (default: 2 x the map's mean, clipped to [1, 255]) or 0-255")
-    p.add_argument("--format", choices=["png", "webp"], default="png", help="png (default) or lossless webp")
-    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
-    add_backend(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
 
 
 def run_predict(args) -> int:
     from .outputs import predict_bytes, predict_paths
-    from .predictor import Predictor
 
     def fail(msg: str) -> int:
         print(f"pfanet predict: error: {msg}", file=sys.stderr)
         return 2
 
-    kinds = args.outputs + (("edge",) if args.edges and "edge" not in args.outputs else ())
     if args.batch_size < 1 or args.workers < 1:
         return fail("--batch-size and --workers must be at least 1")
-
-    def make_predictor() -> Predictor:
-        return Predictor(args.weights, device=args.device, batch_size=args.batch_size, backend=args.backend)
-
+    options = predict_options(args)
+    kinds = options.kinds
     if "-" in args.inputs:
         if args.inputs != ["-"] or args.out:
             return fail("- reads one image from stdin and writes to stdout: give it alone, without -o")
         if len(kinds) != 1:
             return fail(f"stdout takes one image; choose one of {','.join(kinds)} with --outputs")
         data = sys.stdin.buffer.read()
-        sys.stdout.buffer.write(predict_bytes(make_predictor(), data, kinds[0], args.format, args.threshold))
+        sys.stdout.buffer.write(predict_bytes(options.predictor(), data, kinds[0], options.fmt, options.threshold))
         sys.stdout.buffer.flush()
         return 0
     if not args.out:
         return fail("-o/--out DIR is required (only - writes to stdout)")
-    summary = predict_paths(args.inputs, args.out, make_predictor, kinds, args.format, args.threshold,
-                            args.overwrite, args.workers, progress=not args.no_progress)
-    line = f"{summary.written} written to {args.out} ({','.join(kinds)}, {args.format})"
+    summary = predict_paths(args.inputs, args.out, options.predictor, kinds, options.fmt, options.threshold,
+                            options.overwrite, args.workers, progress=not args.no_progress)
+    line = f"{summary.written} written to {args.out} ({','.join(kinds)}, {options.fmt})"
     if summary.skipped:
         line += f"; {summary.skipped} skipped, their outputs exist (--overwrite redoes them)"
     print(line, file=sys.stderr)
@@ -333,9 +325,7 @@ def add_serve(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
-    p.add_argument("--weights", metavar="FILE", help="model weights (default: the shipped model)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
-    add_backend(p)
+    _add_model_options(p, batch_size=None)
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest upload in MB (default 20; 413 beyond)")
     p.add_argument("--max-pixels", type=int, help="largest image in pixels (default 50 million; 413 beyond)")
     p.add_argument("--timeout", type=float, default=60, help="seconds a request may wait (default 60; 504 beyond)")
@@ -348,8 +338,8 @@ def add_serve(sub) -> None:
 def run_serve(args) -> int:
     from .serve import serve
 
-    serve(args.host, args.port, args.weights, args.device, args.max_upload_mb, args.max_pixels, args.timeout,
-          args.max_queue, args.log_level, args.backend)
+    serve(predict_options(args), args.host, args.port, args.max_upload_mb, args.max_pixels, args.timeout,
+          args.max_queue, args.log_level)
     return 0
 
 
@@ -456,15 +446,41 @@ def _export_fp32(args, output, temporary: bool = False) -> int:
     return 0
 
 
-def _add_output_options(p) -> None:
-    """The output options `predict-shard` and `predict-ray` share with `predict`."""
-    p.add_argument("--weights", metavar="FILE", help="model weights, or an exported .onnx (default: the shipped model)")
-    p.add_argument("--outputs", type=_kinds, default=("map",), metavar="KINDS",
+def _add_model_options(p, batch_size: int | None = 4) -> None:
+    """The model options of every prediction command (serve has no --batch-size: batch_size None)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--weights", metavar="FILE", help="model weights: .safetensors (pfanet), official .h5, .pth or an "
+                                                     "exported .onnx (default: the shipped model)")
+    g.add_argument("--device", help="cpu, cuda, ... (default: cuda when present; predict-shard: cuda:LOCAL_RANK)")
+    add_backend(g)
+    if batch_size:
+        g.add_argument("--batch-size", type=_at_least_one, default=batch_size,
+                       help=f"images per forward pass (default {batch_size})")
+
+
+def _add_prediction_options(p, batch_size: int = 4) -> None:
+    """The options `predict`, `predict-shard` and `predict-ray` share: the model's, then the outputs'."""
+    _add_model_options(p, batch_size)
+    g = p.add_argument_group("outputs")
+    g.add_argument("--outputs", type=_kinds, default=("map",), metavar="KINDS",
                    help="comma-separated, from map,mask,edge,cutout,overlay (default: map)")
-    p.add_argument("--threshold", type=_threshold, default=None, metavar="T",
-                   help="mask = map >= T: 'adaptive' (default) or 0-255")
-    p.add_argument("--format", choices=["png", "webp"], default="png", help="png (default) or lossless webp")
-    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
+    g.add_argument("--threshold", type=_threshold, default=None, metavar="T",
+                   help="mask = map >= T: 'adaptive' (default: 2 x the map's mean, clipped to [1, 255]) or 0-255")
+    g.add_argument("--format", choices=["png", "webp"], default="png", help="png (default) or lossless webp")
+    g.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
+
+
+def predict_options(args):
+    """The one place the shared options become a `PredictOptions` (serve has the model's only)."""
+    from .options import PredictOptions
+
+    given = {"weights": args.weights, "device": args.device, "backend": args.backend}
+    if "batch_size" in args:
+        given["batch_size"] = args.batch_size
+    if "outputs" in args:
+        edges = ("edge",) if getattr(args, "edges", False) and "edge" not in args.outputs else ()
+        given.update(kinds=args.outputs + edges, fmt=args.format, threshold=args.threshold, overwrite=args.overwrite)
+    return PredictOptions(**given)
 
 
 def add_predict_shard(sub) -> None:
@@ -474,16 +490,14 @@ def add_predict_shard(sub) -> None:
                     "WORLD_SIZE set by hand): each takes every WORLD_SIZE-th file of the sorted inputs. Existing "
                     "outputs are skipped, so re-running resumes; rank 0 prints the total.",
         epilog="examples:\n"
-               "  torchrun --nproc-per-node 4 -m pfanet.distributed_predict photos/ -o maps/\n"
+               "  torchrun --nproc-per-node 4 -m pfanet predict-shard photos/ -o maps/\n"
                "  torchrun --nnodes 8 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\\n"
                "      --no-python pfanet predict-shard /shared/photos -o /shared/maps",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders, glob patterns")
     p.add_argument("-o", "--out", metavar="DIR", required=True, help="output folder (shared by all ranks)")
-    _add_output_options(p)
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    _add_prediction_options(p)
     p.add_argument("--workers", type=int, default=4, help="decoding threads per process (default 4)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda:LOCAL_RANK when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (rank 0 shows one)")
     p.set_defaults(func=run_predict_shard)
 
@@ -491,8 +505,7 @@ def add_predict_shard(sub) -> None:
 def run_predict_shard(args) -> int:
     from .distributed_predict import run
 
-    return run(args.inputs, args.out, args.weights, args.outputs, args.format, args.threshold, args.overwrite,
-               args.batch_size, args.workers, args.device, progress=not args.no_progress)
+    return run(args.inputs, args.out, predict_options(args), args.workers, progress=not args.no_progress)
 
 
 def add_predict_ray(sub) -> None:
@@ -507,8 +520,7 @@ def add_predict_ray(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, metavar="DIR_OR_URI", help="folder or URI of images (recursive)")
     p.add_argument("--output", required=True, metavar="DIR_OR_URI", help="where the outputs go")
-    _add_output_options(p)
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    _add_prediction_options(p, batch_size=8)
     p.add_argument("--concurrency", type=int, default=1, help="model actors (default 1)")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor (default 0)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
@@ -524,9 +536,8 @@ def run_predict_ray(args) -> int:
     except ImportError:
         print('pfanet predict-ray: error: needs Ray Data: pip install "pfanet[ray]"', file=sys.stderr)
         return 2
-    written, skipped, failures = run(args.input, args.output, args.weights, args.outputs, args.format, args.threshold,
-                                     args.overwrite, args.batch_size, args.concurrency, args.num_gpus, args.address,
-                                     args.num_cpus)
+    written, skipped, failures = run(args.input, args.output, predict_options(args), args.concurrency,
+                                     args.num_gpus, args.address, args.num_cpus)
     print(f"{written} written to {args.output}, {skipped} skipped (outputs exist)"
           + (f", {len(failures)} failed:" if failures else ""), file=sys.stderr)
     for failure in failures:
@@ -534,7 +545,7 @@ def run_predict_ray(args) -> int:
     return 1 if failures else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pfanet", description="PFANet salient object detection: train, evaluate, predict, serve, export.")
     parser.add_argument("--version", action="version", version=f"pfanet {__version__}")
@@ -543,7 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     for add in (add_train, add_convert, add_evaluate, add_predict, add_serve, add_export, add_predict_shard,
                 add_predict_ray):
         add(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from .data import DataError
     from .io import ImageError

@@ -1,8 +1,8 @@
 """Sharded prediction under torchrun: each process predicts every WORLD_SIZE-th file of the sorted input list.
 
-    torchrun --nproc-per-node 4 -m pfanet.distributed_predict photos/ -o maps/
+    torchrun --nproc-per-node 4 -m pfanet predict-shard photos/ -o maps/
     torchrun --nnodes 8 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m pfanet.distributed_predict /shared/photos -o /shared/maps --outputs map,mask
+        -m pfanet predict-shard /shared/photos -o /shared/maps --outputs map,mask
 
 Predicting needs no communication: the rank and world size come from the environment (RANK, WORLD_SIZE and
 LOCAL_RANK, which torchrun sets, or which can be set by hand for any launcher). Every rank lists the inputs itself,
@@ -11,7 +11,7 @@ inputs whose outputs exist are skipped, so re-running the same command resumes a
 any number of processes. When torchrun has set up a rendezvous (MASTER_ADDR), a gloo process group gathers each
 rank's summary and rank 0 prints the total.
 
-Arguments are those of `pfanet predict-shard` (see `pfanet predict-shard --help`).
+The command line is `pfanet predict-shard` (see `pfanet predict-shard --help`), which calls `run`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from .options import PredictOptions
 from .outputs import Job, Summary, collect_jobs, pending_jobs, predict_files
 
 
@@ -107,20 +108,16 @@ def report(summary: Summary, shard: Shard, out_dir: str | os.PathLike, whole: bo
         print(f"  {failure}", file=sys.stderr)
 
 
-def run(inputs: Sequence[str], out_dir: str | os.PathLike, weights: str | None = None, kinds: Sequence[str] = ("map",),
-        fmt: str = "png", threshold: float | None = None, overwrite: bool = False, batch_size: int = 4,
-        workers: int = 4, device: str | None = None, progress: bool = True, shard: Shard | None = None) -> int:
+def run(inputs: Sequence[str], out_dir: str | os.PathLike, options: PredictOptions = PredictOptions(),
+        workers: int = 4, progress: bool = True, shard: Shard | None = None) -> int:
     """Predict this process's shard and report; the exit status (1 when anything failed on any rank seen)."""
-    from .predictor import Predictor
-
     shard = shard or Shard.from_env()
+    device = options.device
     if device is None and torch.cuda.is_available():
         device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"  # one GPU per local process
 
-    def make_predictor() -> Predictor:
-        return Predictor(weights, device=device, batch_size=batch_size)
-
-    mine = predict_shard(shard, inputs, out_dir, make_predictor, kinds, fmt, threshold, overwrite, workers,
+    mine = predict_shard(shard, inputs, out_dir, lambda: options.predictor(device), options.kinds, options.fmt,
+                         options.threshold, options.overwrite, workers,
                          progress=progress and shard.rank == 0)  # one progress bar, not world_size interleaved ones
     total = gather(mine, shard)
     if total is None:  # no rendezvous: every rank reports for itself
@@ -129,9 +126,3 @@ def run(inputs: Sequence[str], out_dir: str | os.PathLike, weights: str | None =
     if shard.rank == 0:
         report(total, shard, out_dir, whole=True)
     return 1 if total.failures else 0
-
-
-if __name__ == "__main__":
-    from .cli import main
-
-    sys.exit(main(["predict-shard", *sys.argv[1:]]))

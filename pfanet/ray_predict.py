@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .io import IMAGE_EXTENSIONS, ImageError, load_image
+from .options import PredictOptions
 from .outputs import SUFFIXES, encode, render, write_atomic
 
 
@@ -97,13 +98,15 @@ class PFANetMapper:
         threshold: mask threshold 0..255 (None: adaptive).
         device: "cpu", "cuda", ... (default: cuda when the actor has a GPU).
         batch_size: images per forward pass.
+        backend: "auto", "torch" or "onnxruntime" (see `Predictor`).
     """
 
     def __init__(self, output: str, weights: str | None = None, kinds: Sequence[str] = ("map",), fmt: str = "png",
-                 threshold: float | None = None, device: str | None = None, batch_size: int = 8):
+                 threshold: float | None = None, device: str | None = None, batch_size: int = 8,
+                 backend: str = "auto"):
         from .predictor import Predictor
 
-        self.predictor = Predictor(weights, device=device, batch_size=batch_size)
+        self.predictor = Predictor(weights, device=device, batch_size=batch_size, backend=backend)
         self.fs, self.root = filesystem(output)
         self.kinds, self.fmt, self.threshold = tuple(kinds), fmt, threshold
 
@@ -146,8 +149,7 @@ class PFANetMapper:
             f.write(data)
 
 
-def run(source: str, output: str, weights: str | None = None, kinds: Sequence[str] = ("map",), fmt: str = "png",
-        threshold: float | None = None, overwrite: bool = False, batch_size: int = 8, concurrency: int = 1,
+def run(source: str, output: str, options: PredictOptions = PredictOptions(batch_size=8), concurrency: int = 1,
         num_gpus: float = 0, address: str | None = None, num_cpus: int | None = None) -> tuple[int, int, list[str]]:
     """Predict everything under `source` into `output` with Ray Data; returns (written, skipped, failures).
 
@@ -156,16 +158,17 @@ def run(source: str, output: str, weights: str | None = None, kinds: Sequence[st
     import ray
 
     items = list_inputs(source)
-    todo = items if overwrite else pending(items, output, kinds, fmt)
+    todo = items if options.overwrite else pending(items, output, options.kinds, options.fmt)
     if not todo:
         return 0, len(items), []
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     ds = ray.data.from_items([{"path": p, "name": n} for p, n in todo])
-    ds = ds.map_batches(
-        PFANetMapper, batch_size=batch_size, batch_format="numpy", concurrency=concurrency, num_gpus=num_gpus,
-        fn_constructor_kwargs={"output": output, "weights": weights, "kinds": tuple(kinds), "fmt": fmt,
-                               "threshold": threshold, "batch_size": batch_size})
+    mapper = {"output": output, "weights": options.weights, "kinds": options.kinds, "fmt": options.fmt,
+              "threshold": options.threshold, "device": options.device, "batch_size": options.batch_size,
+              "backend": options.backend}
+    ds = ds.map_batches(PFANetMapper, batch_size=options.batch_size, batch_format="numpy", concurrency=concurrency,
+                        num_gpus=num_gpus, fn_constructor_kwargs=mapper)
     written, failures = 0, []
     for row in ds.iter_rows():
         if row["error"]:
@@ -173,11 +176,3 @@ def run(source: str, output: str, weights: str | None = None, kinds: Sequence[st
         else:
             written += 1
     return written, len(items) - len(todo), failures
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import main
-
-    sys.exit(main(["predict-ray", *sys.argv[1:]]))

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .io import ImageError, ImageTooLarge, load_image
+from .options import PredictOptions
 from .outputs import OUTPUT_KINDS, adaptive_threshold, encode, parse_kinds, render
 from .predictor import Predictor
 
@@ -222,12 +223,12 @@ class BackgroundServer:
         self.sock.close()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, weights: str | None = None, device: str | None = None,
+def serve(options: PredictOptions = PredictOptions(), host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = 20, max_pixels: int | None = None, timeout_s: float = 60, max_queue: int = 8,
-          log_level: str = "info", backend: str = "auto") -> None:
-    """Load the model, then serve until interrupted (`max_pixels` None: `MAX_PIXELS`)."""
+          log_level: str = "info") -> None:
+    """Load the model `options` describe, then serve until interrupted (`max_pixels` None: `MAX_PIXELS`)."""
     import uvicorn
 
-    predictor = Predictor(weights, device=device, batch_size=1, backend=backend)
+    predictor = options.predictor()
     app = create_app(predictor, max_upload_mb, max_pixels or MAX_PIXELS, timeout_s, max_queue)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pfanet.distributed_predict import Shard
 from pfanet.model import PFANet
+from pfanet.options import PredictOptions
 from pfanet.outputs import Job
 from pfanet.predictor import Predictor
 from pfanet.transforms import InputSpec
@@ -67,7 +68,7 @@ def test_torchrun_two_ranks_then_resume(setup, tmp_path):
     out = tmp_path / "maps"
     args = [str(images), "-o", str(out), "--weights", str(weights), "--device", "cpu", "--no-progress"]
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "pfanet.distributed_predict", *args],
+                          "-m", "pfanet", "predict-shard", *args],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "all 2 ranks: 5 written" in run.stderr
@@ -78,7 +79,7 @@ def test_torchrun_two_ranks_then_resume(setup, tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
 
     # Resume without a rendezvous: two plain processes told their rank; all outputs exist, nothing is redone.
-    procs = [subprocess.Popen([sys.executable, "-m", "pfanet.distributed_predict", *args], cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, "-m", "pfanet", "predict-shard", *args], cwd=REPO,
                               env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)),
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
@@ -112,12 +113,12 @@ def test_ray_data_local_mode(setup, tmp_path):
     out = tmp_path / "maps"
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        written, skipped, failures = run(str(images), str(out), str(weights), batch_size=2)
+        written, skipped, failures = run(str(images), str(out), PredictOptions(str(weights), batch_size=2))
         assert (written, skipped, failures) == (5, 0, [])
         maps = _maps(out)
         assert sorted(maps) == NAMES
         for name in NAMES:
             assert np.abs(maps[name].astype(int) - expected[name].astype(int)).max() <= 1, name
-        assert run(str(images), str(out), str(weights)) == (0, 5, [])  # resumed: nothing left to do
+        assert run(str(images), str(out), PredictOptions(str(weights))) == (0, 5, [])  # resumed: nothing left to do
     finally:
         ray.shutdown()
