@@ -8,6 +8,23 @@ import sys
 
 from . import __version__
 
+# The optional parts (pyproject.toml's extras) and the modules each brings: a command checks for its extra's modules
+# first, and says which extra to install instead of failing on an import deep inside.
+EXTRAS = {"serve": ("fastapi", "uvicorn", "python_multipart", "fastapi_offline"), "plots": ("matplotlib",),
+          "ray": ("ray", "pyarrow")}
+
+
+def missing_extra(extra: str) -> str | None:
+    """None when the extra's modules import, else the error message naming the extra to install."""
+    import importlib
+
+    for module in EXTRAS[extra]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f'needs the {module} module of the "{extra}" extra: pip install "pfanet[{extra}]"'
+    return None
+
 
 def add_train(sub) -> None:
     from .recipes import RECIPES
@@ -181,6 +198,8 @@ def run_evaluate(args) -> int:
         return fail("--weights, --save-maps and --limit go with --data, not --maps")
     if args.table and pathlib.Path(args.table).suffix.lower() not in (".md", ".markdown", ".csv"):
         return fail(f"{args.table}: the table is Markdown (.md) or CSV (.csv), by extension")
+    if args.plots and (missing := missing_extra("plots")):
+        return fail(f"--plots {missing}")
     progress = not args.no_progress
     if args.data:
         from .data import dataset_name, read_pairs
@@ -336,6 +355,9 @@ def add_serve(sub) -> None:
 
 
 def run_serve(args) -> int:
+    if missing := missing_extra("serve"):
+        print(f"pfanet serve: error: {missing}", file=sys.stderr)
+        return 2
     from .serve import serve
 
     serve(predict_options(args), args.host, args.port, args.max_upload_mb, args.max_pixels, args.timeout,
@@ -529,13 +551,11 @@ def add_predict_ray(sub) -> None:
 
 
 def run_predict_ray(args) -> int:
-    try:
-        import ray  # noqa: F401
-
-        from .ray_predict import run
-    except ImportError:
-        print('pfanet predict-ray: error: needs Ray Data: pip install "pfanet[ray]"', file=sys.stderr)
+    if missing := missing_extra("ray"):
+        print(f"pfanet predict-ray: error: {missing}", file=sys.stderr)
         return 2
+    from .ray_predict import run
+
     written, skipped, failures = run(args.input, args.output, predict_options(args), args.concurrency,
                                      args.num_gpus, args.address, args.num_cpus)
     print(f"{written} written to {args.output}, {skipped} skipped (outputs exist)"

@@ -3,7 +3,9 @@
 - `POST /predict?output=map|mask|edge|cutout|overlay[&threshold=T]`, multipart field `file` -> one PNG.
 - `POST /predict/all?outputs=map,mask,cutout[&threshold=T]` -> JSON with several PNGs (base64) from one forward pass;
   the web page uses it.
-- `GET /health`, `GET /docs` (OpenAPI), `GET /` the web page (pfanet/static, no external resources).
+- `GET /health`, `GET /docs` (OpenAPI), `GET /` the web page (pfanet/static, no external resources). The Swagger UI
+  of /docs loads its JavaScript and CSS from this server too (the files of the fastapi-offline package), so it works
+  without internet. (No /redoc: ReDoc's bundle fetches its logo from a CDN.)
 
 The model is loaded once, before the server starts listening. Each request decodes, predicts and encodes in a worker
 thread, so the event loop stays free; the Predictor's lock runs one forward pass at a time. At most `max_queue`
@@ -24,8 +26,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
+import fastapi_offline
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,6 +40,8 @@ from .outputs import OUTPUT_KINDS, adaptive_threshold, encode, parse_kinds, rend
 from .predictor import Predictor
 
 STATIC = pathlib.Path(__file__).parent / "static"
+# Swagger UI's bundle, shipped by fastapi-offline: /docs loads it from this server, not from a CDN
+DOCS_STATIC = pathlib.Path(fastapi_offline.__file__).parent / "static"
 MAX_PIXELS = 50_000_000  # a 50 MP photo decodes to 150 MB of RGB; beyond that, resize before uploading
 # The page and its script come from this server only; blob: URLs carry the results to <img> and the download links.
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
@@ -137,7 +143,7 @@ def create_app(predictor: Predictor, max_upload_mb: float = 20, max_pixels: int 
         yield
         service.pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="PFANet", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="PFANet", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Salient object detection (PFANet, CVPR 2019): saliency maps, masks, transparent "
                               "cut-outs. Upload an image as the multipart field `file`.")
     app.state.service = service
@@ -151,13 +157,19 @@ def create_app(predictor: Predictor, max_upload_mb: float = 20, max_pixels: int 
 
     # The page's assets by name, listed once: a client's path is only a key into this table. (StaticFiles would
     # resolve it on disk, stat-ing e.g. /tmp/x for /static/..%2f..%2ftmp%2fx before refusing it.)
-    assets = {p.name: p for p in STATIC.iterdir() if p.is_file()}
+    assets = {p.name: p for folder in (DOCS_STATIC, STATIC) for p in folder.iterdir() if p.is_file()}
 
     @app.api_route("/static/{name}", methods=["GET", "HEAD"], include_in_schema=False)
     def asset(name: str) -> FileResponse:
         if name not in assets:
             raise HTTPException(404, "Not Found")
         return FileResponse(assets[name])
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI",
+                                   swagger_js_url="/static/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger-ui.css", swagger_favicon_url="/static/favicon.png")
 
     @app.get("/health")
     def health() -> dict:

@@ -61,3 +61,42 @@ def test_no_library_module_imports_the_cli():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert node.module not in ("cli", "pfanet.cli"), f"{path.name} imports the command line"
+
+
+@pytest.mark.parametrize("command, module, extra", [
+    (["serve"], "uvicorn", "serve"),
+    (["predict-ray", "--input", "x", "--output", "y"], "ray", "ray"),
+    (["evaluate", "--maps", "x", "--masks", "y", "--plots", "p"], "matplotlib", "plots"),
+])
+def test_a_missing_extra_is_named(command, module, extra, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    assert main(command) == 2
+    assert f'pip install "pfanet[{extra}]"' in capsys.readouterr().err
+
+
+def test_predict_needs_no_extra(weights, tmp_path):
+    """The core install predicts: with every extra's modules unimportable, `pfanet predict` still writes a map."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(tmp_path / "a.png")
+    blocked = ["fastapi", "uvicorn", "python_multipart", "fastapi_offline", "matplotlib", "ray", "pyarrow",
+               "tensorboard", "tensorflow"]
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); from pfanet.cli import main; "
+            f"sys.exit(main(['predict', {str(tmp_path / 'a.png')!r}, '-o', {str(tmp_path / 'out')!r}, "
+            f"'--weights', {str(weights)!r}, '--no-progress']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out" / "a.png").is_file()
+
+
+def test_core_dependencies_leave_the_extras_out():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = {d.split(">")[0].split("[")[0] for d in project["dependencies"]}
+    extras = project["optional-dependencies"]
+    for name in ("train", "serve", "plots", "ray"):
+        for dep in extras[name]:
+            assert dep.split(">")[0].split("[")[0] not in core, dep
+    assert not any(d.startswith("torch") and "<" in d for d in project["dependencies"])

@@ -1,13 +1,15 @@
-"""The web page of `pfanet serve`, driven in headless Chromium (Debian's /usr/bin/chromium through Playwright; no
-browser is downloaded). A person's path: pick an image, see map, mask and cut-out, download each.
+"""The web page of `pfanet serve`, driven in headless Chromium (Debian's `chromium` through Playwright; no browser is
+downloaded). A person's path: pick an image, see map, mask and cut-out, download each. And /docs, rendered with every
+request off this server refused (no network).
 
-Skipped when Playwright or the chromium binary is absent (`apt-get install chromium`).
+Chromium is `chromium` on the PATH, the rule .ci/run installs by. Skipped when Playwright or chromium is absent
+(`apt-get install chromium`); CI fails before the tests when it cannot install it.
 """
 
 from __future__ import annotations
 
 import io
-import pathlib
+import shutil
 import types
 
 import numpy as np
@@ -15,9 +17,9 @@ import pytest
 from PIL import Image
 
 sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = pathlib.Path("/usr/bin/chromium")
-if not CHROMIUM.is_file():
-    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)", allow_module_level=True)
+CHROMIUM = shutil.which("chromium")
+if CHROMIUM is None:
+    pytest.skip("no chromium on the PATH (apt-get install chromium)", allow_module_level=True)
 
 from pfanet.predictor import Predictor
 from pfanet.serve import BackgroundServer, create_app
@@ -43,7 +45,7 @@ def url(predictor):
 def browser(url):
     """A page on the server, with every request it makes and every console error recorded."""
     with sync_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = chromium.new_context(accept_downloads=True).new_page()
         seen = types.SimpleNamespace(page=page, requests=[], errors=[])
         page.on("request", lambda r: seen.requests.append(r.url))
@@ -113,3 +115,19 @@ def test_fixed_threshold_from_the_page(browser, ecssd_pairs, predictor):
         "return Array.from(new Uint8Array(await r.arrayBuffer())); }")
     mask = np.asarray(Image.open(io.BytesIO(bytes(data))))
     np.testing.assert_array_equal(mask, np.where(predictor.predict(image) >= 128, 255, 0))
+
+
+def test_docs_render_offline(browser, url):
+    """Swagger UI at /docs with the network cut: every request to another origin is refused and recorded."""
+    context = browser.page.context.browser.new_context()  # a fresh page in the same Chromium
+    page = context.new_page()
+    foreign, errors = [], []
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
+               else (foreign.append(route.request.url), route.abort()))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/docs")
+    sync_api.expect(page.locator(".swagger-ui .info .title")).to_contain_text("PFANet", timeout=60_000)
+    sync_api.expect(page.locator(".opblock-summary-path", has_text="/predict/all")).to_be_visible()
+    context.close()
+    assert not foreign, f"the docs asked for other origins: {foreign}"
+    assert not errors, errors
