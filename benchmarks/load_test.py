@@ -16,7 +16,8 @@ form fields and in the query string) that must give 200 and leave no trace on th
 Checks (exit status 1 when one fails): valid input never gets a 5xx (every one 200); every invalid upload gets its
 4xx with a JSON `detail`; uploads over the limit get 413; memory after the run is within `--max-rss-ratio` (1.2) of
 memory after warm-up; no client-provided name reaches the file system (watched targets, the server's working folder,
-the strace log, and serve.py's source never reading the client's file name); the timeout gives 504.
+the strace log, and serve.py's source never reading the client's file name; without strace, as with --no-strace, this
+check fails: it cannot see the server's file calls); the timeout gives 504.
 """
 
 from __future__ import annotations
@@ -537,10 +538,12 @@ def judge(report: Report, max_rss_ratio: float | None) -> list[Check]:
     problems += [f"server cwd holds {n}" for n in f["cwd_after"]]
     problems += [f"serve.py: {line}" for line in f["source"]]
     problems += [f"strace: {line}" for line in f.get("trace_hits", [])[:5]]
-    traced = "strace of every file call, " if f.get("traced") else "no strace here; "
+    if not f.get("traced"):  # without the trace the check cannot see the server's file calls: it fails, not passes
+        problems.append("not traced: strace could not run here (install strace; ptrace must be allowed)")
     checks.append(Check("no client-provided path reaches the file system", not problems,
-                        "; ".join(problems) if problems else f"{traced}{len(f['before'])} targets untouched, "
-                                                             "cwd empty, serve.py never uses the client's name"))
+                        "; ".join(problems) if problems else f"strace of every file call, {len(f['before'])} targets "
+                                                             "untouched, cwd empty, serve.py never uses the client's "
+                                                             "name"))
     t = report.timeout
     if t:
         ok = all(s == 504 for s in t["statuses"]) and all("longer than" in d for d in t["details"]) and \
@@ -592,9 +595,10 @@ def run_load(weights: str | os.PathLike, images: list[pathlib.Path], requests: i
             stack.callback(s.stop)
         for s in filter(None, (server, slow)):
             s.wait_ready()
-        limits = httpx.get(server.url + "/health").json()["limits"]
+        health = httpx.get(server.url + "/health").json()
+        limits = health["limits"]
         cases = build_cases(photos, int(limits["max_upload_mb"] * 2**20), token)
-        config = {"weights": str(weights), "requests": requests, "clients": clients, "url": server.url,
+        config = {"weights": str(weights), "input": health["input"], "requests": requests, "clients": clients, "url": server.url,
                   "max_upload_mb": limits["max_upload_mb"], "server_timeout_s": limits["timeout_s"],
                   "max_queue": limits["max_queue"], "client_timeout_s": client_timeout_s,
                   "images": len(images), "cases": len(cases), "seed": seed, "strace": trace,

@@ -78,7 +78,8 @@ def test_upload_limit_is_413(report):
 
 def test_no_client_path_reaches_the_file_system(report):
     c = check(report, "no client-provided path")
-    assert c.passed, c.detail
+    assert c.passed, c.detail  # fails, not passes, where strace cannot run (install strace; ptrace allowed)
+    assert report.config["strace"] and report.files["traced"]
     assert all(v is None for p, v in report.files["after"].items() if "pfanet-load-" in p)  # unique to this run
 
 
@@ -92,6 +93,13 @@ def test_memory_roughly_flat(report):
     # arenas, the first of each output kind) falls inside the run and is noise next to a leak. A leak of a decoded
     # image or a map per request would still show: 1.5 x the warm server is hundreds of MiB.
     assert report.rss["ratio"] <= 1.5, report.rss
+
+
+def test_the_file_system_check_fails_without_strace():
+    untraced = lt.Report({"max_upload_mb": 1}, files={"before": {}, "after": {}, "cwd_after": [], "source": [],
+                                                      "traced": False})
+    [c] = [c for c in lt.judge(untraced, None) if c.name.startswith("no client-provided path")]
+    assert not c.passed and "strace could not run" in c.detail
 
 
 def test_source_check_finds_a_client_name(tmp_path):
