@@ -105,16 +105,18 @@ def test_mapper_on_a_batch_of_bytes(setup, tmp_path):
     assert set(np.unique(np.asarray(Image.open(tmp_path / "a_mask.png")))) <= {0, 255}
 
 
-def test_ray_data_local_mode(setup, tmp_path):
+def test_ray_data_local_mode(setup, tmp_path, capsys):
+    """`pfanet predict-ray` on a local Ray (started by the command), then a resumed run through the library."""
     ray = pytest.importorskip("ray")
+    from pfanet.cli import main
     from pfanet.ray_predict import run
 
     weights, images, expected = setup
     out = tmp_path / "maps"
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        written, skipped, failures = run(str(images), str(out), PredictOptions(str(weights), batch_size=2))
-        assert (written, skipped, failures) == (5, 0, [])
+        assert main(["predict-ray", "--input", str(images), "--output", str(out), "--weights", str(weights),
+                     "--batch-size", "2", "--num-cpus", "1", "--backend", "torch"]) == 0
+        assert "5 written" in capsys.readouterr().err
         maps = _maps(out)
         assert sorted(maps) == NAMES
         for name in NAMES:
