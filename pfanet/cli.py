@@ -50,7 +50,17 @@ def add_train(sub) -> None:
                    help="the stages in full, e.g. 25:1.0:1e-2,50:0.7:1e-3 (the paper's)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--size", type=int, help="training resolution (multiple of 32)")
-    g.add_argument("--lr-decay", choices=["none", "official", "cosine"])
+    g.add_argument("--lr-decay", choices=["none", "official", "cosine"], help="cosine is updated every step")
+    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up over the first N steps")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"])
+    g.add_argument("--decay-norm-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight decay also on biases and norm weights (default: off)")
+    g.add_argument("--targets", choices=["official", "soft", "binary"],
+                   help="mask -> target: official mask/max, soft mask/255, binary mask>128 (as evaluation)")
+    g.add_argument("--target-resize", choices=["nearest", "bilinear"],
+                   help="nearest (official; half an output pixel off the image) or bilinear (on the image's grid)")
+    g.add_argument("--size-schedule", metavar="UNTIL:SIZE,...",
+                   help="input sizes before the final --size, e.g. 14:128,17:192 (epochs 1-14 at 128, 15-17 at 192)")
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None)
@@ -67,6 +77,9 @@ def add_train(sub) -> None:
                    help="the official activity regulariser on the channel attention")
     m = p.add_argument_group("mechanics")
     m.add_argument("--val-every", type=int, default=1, help="validate every N epochs (default 1)")
+    m.add_argument("--val-steps", type=int, default=0,
+                   help="also validate every N steps within an epoch (default 0: epoch ends only)")
+    m.add_argument("--val-limit", type=int, help="validate on N evenly spaced pairs of each --val source")
     m.add_argument("--save-every", type=int, default=5, help="keep epoch_N.safetensors every N epochs (default 5)")
     m.add_argument("--save-steps", type=int, default=0,
                    help="also checkpoint every N steps within an epoch (default 0: epoch ends only)")
@@ -100,10 +113,11 @@ def run_train(args) -> int:
 
     fields = ("epochs", "lr", "alpha", "stages", "batch_size", "size", "lr_decay", "momentum", "weight_decay",
               "dropout", "norm", "edge_mode", "backbone", "freeze_blocks", "augment", "saturation", "ca_regulariser",
-              "init")
+              "init", "warmup_steps", "optimizer", "decay_norm_bias", "targets", "target_resize", "size_schedule")
     overrides = {k: getattr(args, k) for k in fields}
     opts = TrainOptions(
-        train=args.data, out=args.out, val=args.val, val_every=args.val_every, save_every=args.save_every,
+        train=args.data, out=args.out, val=args.val, val_every=args.val_every, val_steps=args.val_steps,
+        val_limit=args.val_limit, save_every=args.save_every,
         save_steps=args.save_steps, resume=args.resume, seed=args.seed, workers=args.workers, cache=args.cache,
         max_steps=args.max_steps, device=args.device, compile=args.compile, channels_last=args.channels_last,
         bf16=args.bf16, limit=args.limit, progress=not args.no_progress)

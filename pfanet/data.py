@@ -15,7 +15,7 @@ from PIL import Image, ImageEnhance
 from tqdm import tqdm
 
 from .io import ImageError, list_images, load_image, load_mask
-from .transforms import InputSpec, preprocess, square_nearest
+from .transforms import InputSpec, preprocess, square_bilinear, square_nearest
 
 log = logging.getLogger(__name__)
 
@@ -164,21 +164,32 @@ def random_rotate(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, m
     return img, mask
 
 
-def training_sample(img: np.ndarray, mask: np.ndarray, spec: InputSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, W, 3) uint8 + (H, W) mask in [0, 1] -> network input (3, S, S) and target (1, S, S) at S = spec.size.
+def training_sample(img: np.ndarray, mask: np.ndarray, spec: InputSpec, target_resize: str = "nearest"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W, 3) uint8 + (H, W) target in [0, 1] -> network input (3, S, S) and target (1, S, S) at S = spec.size.
 
     Both are zero-padded to a centred square first (the image after normalisation, so its padding is the mean
-    colour, as the official code); then the image is resized bilinearly (transforms.preprocess) and the mask
-    with nearest neighbours, as the official code.
+    colour, as the official code); the image is resized bilinearly (transforms.preprocess); the target with
+    nearest neighbours as the official code ("nearest", half an output pixel off the image's grid), or with the
+    image's own bilinear taps ("bilinear", aligned). See recipes.TARGET_RESIZES.
     """
     x = preprocess(img, spec)
-    y = torch.from_numpy(square_nearest(mask.astype(np.float32), spec.size))[None]
+    resize = square_bilinear if target_resize == "bilinear" else square_nearest
+    y = torch.from_numpy(resize(mask.astype(np.float32), spec.size))[None]
     return x, y
 
 
-def normalise_mask(mask: np.ndarray) -> np.ndarray:
-    """mask / mask.max() as the official code; an all-zero mask stays zero (the official code divides by zero)."""
+def mask_target(mask: np.ndarray, rule: str = "official") -> np.ndarray:
+    """(H, W) uint8 mask -> float32 target in [0, 1] by one of recipes.TARGETS:
+
+    "official": mask / mask.max() (an all-zero mask stays zero; the official code divides by zero);
+    "soft": mask / 255; "binary": mask > 128, the threshold pysodmetrics applies to ground truth in evaluation.
+    """
     mask = mask.astype(np.float32)
+    if rule == "soft":
+        return mask / 255
+    if rule == "binary":
+        return (mask > 128).astype(np.float32)
     top = mask.max()
     return mask / top if top > 0 else mask
 
@@ -210,8 +221,9 @@ class SaliencyDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, pairs: list[Pair], spec: InputSpec, augment: Augment | None = None, seed: int = 0,
-                 cache: bool = False):
+                 cache: bool = False, targets: str = "official", target_resize: str = "nearest"):
         self.pairs, self.spec, self.augment, self.seed = pairs, spec, augment, seed
+        self.targets, self.target_resize = targets, target_resize
         self.epoch = 0
         # index -> decoded pair, or the error message of a pair that cannot be used
         self.cache: dict[int, tuple[np.ndarray, np.ndarray] | str] | None = {} if cache else None
@@ -219,8 +231,11 @@ class SaliencyDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, size: int | None = None) -> None:
+        """The epoch (augmentation seeds) and, with an input-size schedule, its input size."""
         self.epoch = epoch
+        if size is not None:
+            self.spec = dataclasses.replace(self.spec, size=size)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray] | str:
         """The decoded pair i, or its error message."""
@@ -249,10 +264,10 @@ class SaliencyDataset(torch.utils.data.Dataset):
         if isinstance(item, str):
             return torch.empty(0), torch.empty(0), item
         img, mask = item
-        mask = normalise_mask(mask)
+        mask = mask_target(mask, self.targets)
         if self.augment is not None:
             img, mask = self.augment(img, mask, np.random.default_rng([self.seed, self.epoch, i]))
-        x, y = training_sample(img, mask, self.spec)
+        x, y = training_sample(img, mask, self.spec, self.target_resize)
         return x, y, None
 
 

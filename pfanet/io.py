@@ -88,18 +88,22 @@ def load_image(source: str | os.PathLike | bytes, name: str | None = None, max_p
                ) -> np.ndarray:
     """Decode an image file or encoded bytes into (H, W, 3) uint8 RGB, EXIF orientation applied."""
     name = name or (str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>")
-    img = _decode(_open(source, name, max_pixels), name)
+    return to_rgb(_upright(_decode(_open(source, name, max_pixels), name)))
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied: photos and their masks alike, so a mask saved with its photo's tag stays on it."""
     try:
-        img = ImageOps.exif_transpose(img)
+        return ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block should not lose an otherwise good image
-        pass
-    return to_rgb(img)
+        return img
 
 
 def load_mask(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode a ground-truth mask into (H, W) uint8 (channel 0 of a colour mask, as the official code)."""
+    """Decode a ground-truth mask into (H, W) uint8 (channel 0 of a colour mask, as the official code), EXIF
+    orientation applied as to images."""
     name = str(path)
-    img = _decode(_open(path, name, max_pixels), name)
+    img = _upright(_decode(_open(path, name, max_pixels), name))
     if img.mode in ("L", "1", "P"):
         return np.asarray(img.convert("L"))
     return to_rgb(img)[:, :, 0]

@@ -8,6 +8,18 @@ import json
 import math
 
 LR_DECAYS = ("none", "official", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+# What a mask pixel m (0..255) becomes as a training target:
+#   "official": m / max(mask), as the official code (a mask whose brightest pixel is 200 still reaches 1);
+#   "soft":     m / 255, so a grey edge stays a probability and the 0.5 level is the evaluation's threshold 128;
+#   "binary":   1 where m > 128 (pysodmetrics binarises ground truth exactly so), else 0.
+TARGETS = ("official", "soft", "binary")
+# How the target is resampled to the network's size:
+#   "nearest":  nearest neighbour with floor (source floor(i * side / size)), as the official cv2 INTER_NEAREST;
+#               the target then sits (side / size - 1) / 2 source pixels up-left of the image's bilinear
+#               half-pixel grid, about half an output pixel at DUTS-TR's downscaling;
+#   "bilinear": the image's own bilinear half-pixel taps, so image and target are on one grid.
+TARGET_RESIZES = ("nearest", "bilinear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +40,19 @@ def parse_stages(text: str) -> tuple[Stage, ...]:
             raise ValueError(f"stage {part!r}: expected UNTIL:ALPHA:LR, e.g. 25:1.0:1e-2")
         stages.append(Stage(int(fields[0]), float(fields[1]), float(fields[2])))
     return tuple(stages)
+
+
+def parse_size_schedule(text: str) -> tuple[tuple[int, int], ...]:
+    """"UNTIL:SIZE,..." -> ((until, size), ...), e.g. "14:128,17:192": epochs 1-14 at 128, 15-17 at 192."""
+    if not text.strip():
+        return ()
+    out = []
+    for part in text.split(","):
+        fields = part.strip().split(":")
+        if len(fields) != 2 or not all(f.strip().isdigit() for f in fields):
+            raise ValueError(f"size_schedule {part!r}: expected UNTIL:SIZE, e.g. 14:128")
+        out.append((int(fields[0]), int(fields[1])))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +78,12 @@ class Recipe:
     augment: bool = True
     saturation: bool = False  # the paper's saturation jitter (not in the official code)
     init: str = ""  # a whole-PFANet weights file to start from (fine-tuning); then `backbone` is not read
+    optimizer: str = "sgd"
+    warmup_steps: int = 0  # linear warm-up of the learning rate from 0 over the first N steps
+    decay_norm_bias: bool = False  # weight decay also on biases and norm weights (off: convolution/dense weights only)
+    targets: str = "official"  # see TARGETS
+    target_resize: str = "nearest"  # see TARGET_RESIZES
+    size_schedule: str = ""  # "UNTIL:SIZE,..." input sizes of the epochs before `size`, e.g. "14:128,17:192"
     description: str = ""
 
     def __post_init__(self):
@@ -75,6 +106,17 @@ class Recipe:
             problems.append(f"lr_decay {self.lr_decay!r} is not one of {LR_DECAYS}")
         if not 0 <= self.freeze_blocks <= 5:
             problems.append(f"freeze_blocks {self.freeze_blocks} is outside 0..5")
+        for field, allowed in (("optimizer", OPTIMIZERS), ("targets", TARGETS), ("target_resize", TARGET_RESIZES)):
+            if getattr(self, field) not in allowed:
+                problems.append(f"{field} {getattr(self, field)!r} is not one of {allowed}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps {self.warmup_steps} must be at least 0")
+        try:
+            for until, size in parse_size_schedule(self.size_schedule):
+                if size < 32 or size % 32:
+                    problems.append(f"size_schedule size {size} must be a positive multiple of 32")
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems))
 
@@ -88,20 +130,36 @@ class Recipe:
                 return s
         return self.stages[-1]
 
-    def lr(self, epoch: int) -> float:
-        """Learning rate of a (0-based) epoch: the stage's base rate, decayed by `lr_decay`:
+    def size_at(self, epoch: int) -> int:
+        """Input size of a (0-based) epoch: the size schedule's, then `size` (the size the model ships at)."""
+        for until, size in parse_size_schedule(self.size_schedule):
+            if epoch < until:
+                return size
+        return self.size
+
+    def lr(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+        """Learning rate at step `step` of a (0-based) epoch: the stage's base rate, decayed by `lr_decay`, times
+        the warm-up ramp. With t = epoch + step / steps_per_epoch (the run's position in epochs):
 
         - "none": constant within a stage;
-        - "official": the official train.py's step decay, lr * 0.5 ** floor((epoch + 1) / (epochs / 8)) (halved
-          8 times over the run; with its 50 epochs, every 6.25);
-        - "cosine": lr * (1 + cos(pi * epoch / epochs)) / 2 over the whole run.
+        - "official": the official train.py's per-epoch step decay, lr * 0.5 ** floor((epoch + 1) / (epochs / 8))
+          (halved 8 times over the run; with its 50 epochs, every 6.25);
+        - "cosine": lr * (1 + cos(pi * t / epochs)) / 2, updated every step (a DUTS-TR epoch is hours on a CPU).
+
+        A function of the position alone, so a resumed run follows the schedule exactly.
         """
         s = self.stage(epoch)
+        t = epoch + step / steps_per_epoch
         if self.lr_decay == "official":
-            return s.lr * 0.5 ** math.floor((epoch + 1) / (self.epochs / 8))
-        if self.lr_decay == "cosine":
-            return s.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
-        return s.lr
+            rate = s.lr * 0.5 ** math.floor((epoch + 1) / (self.epochs / 8))
+        elif self.lr_decay == "cosine":
+            rate = s.lr * 0.5 * (1 + math.cos(math.pi * t / self.epochs))
+        else:
+            rate = s.lr
+        global_step = epoch * steps_per_epoch + step
+        if global_step < self.warmup_steps:
+            rate *= (global_step + 1) / self.warmup_steps
+        return rate
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,6 +218,16 @@ RECIPES = {
         backbone="imagenet",
         description="Official train.py: SGD lr 1e-2 momentum 0.9, batch 15, 50 epochs, "
                     "lr = 1e-2 * 0.5^floor((epoch+1)/6.25), alpha 0.7, dropout.",
+    ),
+    "cpu-duts": Recipe(
+        "cpu-duts", stages=(Stage(14, 1.0, 2e-4), Stage(19, 0.7, 2e-4)), batch_size=8, size=256,
+        size_schedule="14:128,17:192", lr_decay="cosine", warmup_steps=200, optimizer="adamw", weight_decay=1e-2,
+        norm="batch", freeze_blocks=2, backbone="hed", targets="soft", target_resize="bilinear",
+        description="The default model: DUTS-TR on a CPU from the HED VGG16 (docs/TRAINING.md has the comparison "
+                    "behind each choice). AdamW 2e-4 with 200 warm-up steps and a per-step cosine over 19 epochs, "
+                    "standard BatchNorm, blocks 1-2 frozen, epochs 1-14 at 128x128, 15-17 at 192, 18-19 at 256 (the "
+                    "size it ships at), alpha 1.0 then 0.7 for the high-resolution epochs, soft targets (mask/255) "
+                    "on the image's grid.",
     ),
     "cpu-ecssd": Recipe(
         "cpu-ecssd", stages=(Stage(3, 1.0, 1e-2), Stage(12, 0.7, 1e-2)), batch_size=8, size=192,

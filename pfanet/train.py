@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .data import Augment, SaliencyDataset, collate, read_pairs
+from .data import Augment, SaliencyDataset, collate, dataset_name, read_pairs
 from .loss import activity_regulariser, edge_hold_loss
 from .model import PFANet, PFANetConfig
 from .recipes import Recipe
@@ -45,7 +45,10 @@ from .weights import atomic_write, load_backbone, load_checkpoint, load_state, s
 
 log = logging.getLogger(__name__)
 
-LOG_FIELDS = ("epoch", "loss", "lr", "alpha", "images_per_s", "val_mae", "val_maxF")
+# log.csv: one row per epoch end and per mid-epoch validation (`val_steps`); "epoch" is the run's position in
+# epochs (3.5 = half-way through the 4th), "step" and "images" count from the start of the run. val_* scores the
+# first validation source (it picks best.safetensors); each further source adds NAME_mae, NAME_maxF columns.
+LOG_FIELDS = ("epoch", "step", "images", "loss", "lr", "alpha", "size", "images_per_s", "val_mae", "val_maxF")
 
 
 class TrainingStopped(RuntimeError):
@@ -60,6 +63,8 @@ class TrainOptions:
     out: str
     val: list[str] = dataclasses.field(default_factory=list)
     val_every: int = 1
+    val_steps: int = 0  # also validate every N steps within an epoch (0: at epoch ends only)
+    val_limit: int | None = None  # validate on N evenly spaced pairs of each source (None: all)
     save_every: int = 5
     save_steps: int = 0  # also write state.pt every N steps within an epoch (0: only at epoch ends)
     resume: bool = False
@@ -167,14 +172,12 @@ class Trainer:
             load_state(self.model, start.state_dict(), recipe.init)
         else:
             spec = load_backbone(self.model, recipe.backbone)
-        self.spec = dataclasses.replace(spec, size=recipe.size)
+        self.spec = dataclasses.replace(spec, size=recipe.size_at(0))
         freeze_blocks(self.model, recipe.freeze_blocks)
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=recipe.lr(0), momentum=recipe.momentum,
-                                         weight_decay=recipe.weight_decay)
+        self.optimizer = make_optimizer(self.model, recipe)
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if gpu else None)
@@ -185,14 +188,17 @@ class Trainer:
         if opts.limit:
             pairs = pairs[: opts.limit]
         augment = Augment(saturation=(0.5, 1.5) if recipe.saturation else None) if recipe.augment else None
-        self.dataset = SaliencyDataset(pairs, self.spec, augment, seed=self.seed, cache=opts.cache)
+        self.dataset = SaliencyDataset(pairs, self.spec, augment, seed=self.seed, cache=opts.cache,
+                                       targets=recipe.targets, target_resize=recipe.target_resize)
         if opts.cache:  # before the DataLoader forks its workers, so that they share one copy
             self.dataset.preload(threads=max(1, opts.workers), progress=self.main and opts.progress)
         self.sampler = EpochSampler(len(pairs), self.seed, self.rank, self.world)
         if self.steps_per_epoch() == 0:
             raise ValueError(f"{len(pairs)} training pairs on {self.world} process(es) do not fill one batch of "
                              f"{recipe.batch_size}")
-        self.val_pairs = [p for source in opts.val for p in read_pairs(source)]
+        self.val_sets = {dataset_name(source): evenly_spaced(read_pairs(source), opts.val_limit) for source in opts.val}
+        extra = [f"{name}_{m}" for name in list(self.val_sets)[1:] for m in ("mae", "maxF")]
+        self.log_fields = LOG_FIELDS + tuple(extra)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss, self.epoch_steps, self.epoch_images, self.epoch_seconds = 0.0, 0, 0, 0.0
@@ -220,7 +226,8 @@ class Trainer:
         return saved
 
     def training_meta(self) -> dict:
-        return {"recipe": self.recipe.to_dict(), "epoch": self.epoch, "seed": self.seed,
+        return {"recipe": self.recipe.to_dict(), "epoch": self.epoch, "step": self.global_step,
+                "images_seen": self.global_step * self.recipe.batch_size * self.world, "seed": self.seed,
                 "train": [str(t) for t in self.opts.train], "val": [str(v) for v in self.opts.val]}
 
     def rng_states(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -285,14 +292,15 @@ class Trainer:
             self.trim_log()
 
     def trim_log(self) -> None:
-        """Drop log rows of epochs after the checkpoint (written before a crash that came ahead of the next one)."""
+        """Drop log rows written after the checkpoint (before a crash that came ahead of the next one)."""
         path = self.out / "log.csv"
         if not path.is_file():
             return
         with path.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= self.epoch]
+            rows = [r for r in csv.DictReader(f)
+                    if (float(r["step"]) <= self.global_step if r.get("step") else int(r["epoch"]) <= self.epoch)]
         with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w = csv.DictWriter(f, fieldnames=self.log_fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 
@@ -313,7 +321,7 @@ class Trainer:
         return len(self.sampler.order()) // self.recipe.batch_size
 
     def loader(self) -> torch.utils.data.DataLoader:
-        self.dataset.set_epoch(self.epoch)
+        self.dataset.set_epoch(self.epoch, self.spec.size)
         self.sampler.set_position(self.epoch, self.step_in_epoch * self.recipe.batch_size)
         # Its own generator: without one, each new iterator draws from the global RNG that dropout uses.
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -384,9 +392,9 @@ class Trainer:
         steps_here = 0
         try:
             while self.epoch < self.recipe.epochs:
-                stage, lr = self.recipe.stage(self.epoch), self.recipe.lr(self.epoch)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                stage = self.recipe.stage(self.epoch)
+                # checkpoints and validation of this epoch carry the size it trains at
+                self.spec = dataclasses.replace(self.spec, size=self.recipe.size_at(self.epoch))
                 if self.step_in_epoch == 0:  # dropout draws from (seed, epoch, rank); mid-epoch, the restored state
                     torch.manual_seed(self.seed * 100_003 + self.epoch + self.rank * 1_000_003)
                     self.epoch_loss, self.epoch_steps, self.epoch_images, self.epoch_seconds = 0.0, 0, 0, 0.0
@@ -396,8 +404,12 @@ class Trainer:
                            disable=not (self.main and self.opts.progress),
                            desc=f"epoch {self.epoch + 1}/{self.recipe.epochs}")
                 stop, seen_here = False, 0
+                lr = self.recipe.lr(self.epoch, self.step_in_epoch, total)
                 t0 = t_bar = time.perf_counter()  # t0: for epoch_seconds; t_bar: for the bar's images/s
                 for x, y, errors in bar:
+                    lr = self.recipe.lr(self.epoch, self.step_in_epoch, total)  # per step, from the position alone
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = lr
                     self.report_bad_pairs(errors)
                     # Every process must take part in each step (DDP reduces gradients across them).
                     if self.sum_over_ranks(x is not None)[0] == self.world:
@@ -419,6 +431,11 @@ class Trainer:
                     stop = self.sum_over_ranks(wants_stop)[0] > 0
                     if self.step_in_epoch >= total:
                         break  # the epoch's end (below) writes the checkpoint, stopping or not
+                    if self.opts.val_steps and self.global_step % self.opts.val_steps == 0:
+                        self.epoch_seconds += time.perf_counter() - t0  # validation time is not training time
+                        self.log_row(self.row(lr, stage.alpha, total), writer, validate_now=True)
+                        self.model.train()
+                        t0 = time.perf_counter()
                     if stop or (self.opts.save_steps and self.step_in_epoch % self.opts.save_steps == 0):
                         self.epoch_seconds += time.perf_counter() - t0  # the timer restarts with the next step
                         t0 = time.perf_counter()
@@ -447,39 +464,54 @@ class Trainer:
                 self.bad_pairs.add(err)
                 log.warning("skipping a pair that cannot be used: %s", err)
 
-    def end_epoch(self, lr: float, alpha: float, writer) -> None:
-        self.epoch += 1
-        self.step_in_epoch = 0
-        row = {"epoch": self.epoch, "loss": self.epoch_loss / self.epoch_steps if self.epoch_steps else float("nan"),
-               "lr": lr, "alpha": alpha,
-               "images_per_s": self.epoch_images / self.epoch_seconds if self.epoch_seconds else float("nan")}
-        if self.main and self.val_pairs and (self.epoch % self.opts.val_every == 0 or self.epoch == self.recipe.epochs):
-            scores = validate(self.model, self.spec, self.val_pairs, self.device)
-            row.update({"val_mae": scores["mae"], "val_maxF": scores["maxF"]})
-            if self.best is None or scores["maxF"] > self.best:
-                self.best = scores["maxF"]
+    def row(self, lr: float, alpha: float, total: int) -> dict:
+        """The log row of the run's current position (the epoch's running loss and speed)."""
+        epoch = round(self.epoch + self.step_in_epoch / total, 4) if self.step_in_epoch else self.epoch
+        return {"epoch": epoch, "step": self.global_step,
+                "images": self.global_step * self.recipe.batch_size * self.world,
+                "loss": self.epoch_loss / self.epoch_steps if self.epoch_steps else float("nan"),
+                "lr": lr, "alpha": alpha, "size": self.spec.size,
+                "images_per_s": self.epoch_images / self.epoch_seconds if self.epoch_seconds else float("nan")}
+
+    def log_row(self, row: dict, writer, validate_now: bool) -> None:
+        """Validate (rank 0) on each source if asked, keep best.safetensors on the first, append the row."""
+        if self.main and self.val_sets and validate_now:
+            for i, (name, pairs) in enumerate(self.val_sets.items()):
+                scores = validate(self.model, self.spec, pairs, self.device)
+                prefix = "val" if i == 0 else name
+                row.update({f"{prefix}_mae": scores["mae"], f"{prefix}_maxF": scores["maxF"]})
+                log.info("epoch %.2f (%d images): %s MAE %.4f  max F %.4f", row["epoch"], row["images"], name,
+                         scores["mae"], scores["maxF"])
+            if self.best is None or row["val_maxF"] > self.best:
+                self.best = row["val_maxF"]
                 save_checkpoint(self.out / "best.safetensors", self.model, self.spec,
-                                {**self.training_meta(), "val_scores": {"mae": scores["mae"], "maxF": scores["maxF"]}})
-            log.info("epoch %d: loss %.4f  val MAE %.4f  max F %.4f", self.epoch, row["loss"], scores["mae"],
-                     scores["maxF"])
+                                {**self.training_meta(), "val_scores": {"mae": row["val_mae"],
+                                                                        "maxF": row["val_maxF"]}})
         if self.main:
             self.append_log(row, writer)
-            if self.epoch % self.opts.save_every == 0:
-                save_checkpoint(self.out / f"epoch_{self.epoch:04d}.safetensors", self.model, self.spec,
-                                self.training_meta())
+
+    def end_epoch(self, lr: float, alpha: float, writer) -> None:
+        total = self.steps_per_epoch()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        row = self.row(lr, alpha, total)
+        self.log_row(row, writer, self.epoch % self.opts.val_every == 0 or self.epoch == self.recipe.epochs)
+        if self.main and self.epoch % self.opts.save_every == 0:
+            save_checkpoint(self.out / f"epoch_{self.epoch:04d}.safetensors", self.model, self.spec,
+                            self.training_meta())
         self.save_state()
 
     def append_log(self, row: dict, writer) -> None:
         path = self.out / "log.csv"
         new = not path.exists()
         with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w = csv.DictWriter(f, fieldnames=self.log_fields)
             if new:
                 w.writeheader()
             w.writerow(row)
         if writer is not None:
             for k, v in row.items():
-                if k != "epoch":
+                if k not in ("epoch", "step"):
                     writer.add_scalar(f"epoch/{k}", v, self.global_step)
             writer.flush()
 
@@ -494,6 +526,27 @@ class Trainer:
             log.info("tensorboard not installed: no event files, log.csv only")
             return None
         return SummaryWriter(str(self.out / "tb"), purge_step=self.global_step + 1 if self.state else None)
+
+
+def evenly_spaced(pairs: list, n: int | None) -> list:
+    """n pairs spread evenly over the list (all of them when n is None or not smaller): a fixed validation subset."""
+    if not n or n >= len(pairs):
+        return pairs
+    return [pairs[i * len(pairs) // n] for i in range(n)]
+
+
+def make_optimizer(model: PFANet, recipe: Recipe) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable parameters. Weight decay goes to convolution and dense weights only,
+    unless `decay_norm_bias`: decaying biases and norm scales pulls them to zero for no regularising gain."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 or recipe.decay_norm_bias else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=recipe.lr(0))
+    return torch.optim.SGD(groups, lr=recipe.lr(0), momentum=recipe.momentum)
 
 
 def train(recipe: Recipe, opts: TrainOptions) -> pathlib.Path:

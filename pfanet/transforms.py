@@ -93,21 +93,35 @@ def _padded_taps(side: int, size: int, offset: int, length: int) -> tuple[np.nda
     return index.clamp(0, length - 1).numpy(), weight
 
 
-def preprocess(rgb: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, size, size) network input: normalise, zero-pad to a centred square, resize.
+def square_resize(a: np.ndarray, size: int, prepare=None) -> torch.Tensor:
+    """(H, W, C) array -> (C, size, size) float: zero-pad to a centred square, bilinear resize (half-pixel centres,
+    no antialiasing, as `resize`).
 
-    Computed as zero-padding `normalise(rgb)` to the centred square and resizing it, but from the few source pixels the resize reads, so memory
-    stays small for any image (a 20000 x 10 strip would otherwise become a 20000 x 20000 float square).
+    Computed from the few source pixels the resize reads, so memory stays small for any image (a 20000 x 10 strip
+    would otherwise become a 20000 x 20000 float square). `prepare` maps those (h, w, C) pixels to (C, h, w) float32
+    (e.g. normalisation) before interpolation; padding contributes zero after it.
     """
-    h, w = rgb.shape[:2]
+    h, w = a.shape[:2]
     side, top, left = square_offsets(h, w)
-    rows, rw = _padded_taps(side, spec.size, top, h)
-    cols, cw = _padded_taps(side, spec.size, left, w)
-    x = torch.from_numpy(normalise(rgb[np.ix_(rows.reshape(-1), cols.reshape(-1))], spec))  # (3, 2S, 2S)
-    x = x.unflatten(2, (2, spec.size))  # (3, 2S, 2, S): the two column taps
-    x = x[..., 0, :] * cw[0] + x[..., 1, :] * cw[1]  # (3, 2S, S)
-    x = x.unflatten(1, (2, spec.size))  # (3, 2, S, S): the two row taps
+    rows, rw = _padded_taps(side, size, top, h)
+    cols, cw = _padded_taps(side, size, left, w)
+    px = a[np.ix_(rows.reshape(-1), cols.reshape(-1))]  # (2S, 2S, C)
+    x = torch.from_numpy(prepare(px) if prepare else np.ascontiguousarray(px.transpose(2, 0, 1), np.float32))
+    x = x.unflatten(2, (2, size))  # (C, 2S, 2, S): the two column taps
+    x = x[..., 0, :] * cw[0] + x[..., 1, :] * cw[1]  # (C, 2S, S)
+    x = x.unflatten(1, (2, size))  # (C, 2, S, S): the two row taps
     return (x[:, 0] * rw[0, :, None] + x[:, 1] * rw[1, :, None]).contiguous()
+
+
+def preprocess(rgb: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, size, size) network input: normalise, zero-pad to a centred square (so the
+    padding is the mean colour), resize bilinearly."""
+    return square_resize(rgb, spec.size, lambda px: normalise(px, spec))
+
+
+def square_bilinear(mask: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) mask -> (size, size) float32 on exactly the image's grid (`preprocess`'s taps), zero padding."""
+    return square_resize(mask.astype(np.float32)[:, :, None], size)[0].numpy()
 
 
 def postprocess(logits: torch.Tensor, height: int, width: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from pfanet.data import (
     DataError,
     SaliencyDataset,
     collate,
-    normalise_mask,
+    mask_target,
     random_crop_flip,
     random_rotate,
     read_list_file,
@@ -213,8 +213,8 @@ def test_samples_are_a_function_of_seed_epoch_and_index(ecssd_pairs):
 
 
 def test_mask_normalisation_by_max_and_all_zero_masks(tmp_path):
-    np.testing.assert_array_equal(normalise_mask(np.array([[0, 100], [200, 50]], np.uint8)), [[0, 0.5], [1, 0.25]])
-    zero = normalise_mask(np.zeros((3, 3), np.uint8))
+    np.testing.assert_array_equal(mask_target(np.array([[0, 100], [200, 50]], np.uint8)), [[0, 0.5], [1, 0.25]])
+    zero = mask_target(np.zeros((3, 3), np.uint8))
     assert zero.dtype == np.float32 and not zero.any()
     img = write_image(tmp_path / "i.png", rgb(40, 30))
     empty = write_image(tmp_path / "m.png", np.zeros((40, 30), np.uint8))
@@ -223,6 +223,7 @@ def test_mask_normalisation_by_max_and_all_zero_masks(tmp_path):
 
 
 def test_training_sample_pads_to_a_centred_square_bilinear_image_nearest_mask():
+    # the official resampling (target_resize "nearest", the default)
     img = rgb(64, 32)  # h 64, w 32: padded to 64 x 64 with 16 columns each side, then halved to 32
     mask = np.random.default_rng(1).random((64, 32)).astype(np.float32)
     x, y = training_sample(img, mask, PLAIN)
@@ -240,6 +241,70 @@ def test_training_sample_pads_to_a_centred_square_bilinear_image_nearest_mask():
     np.testing.assert_allclose(x[:, 0, 8:24].numpy().T, np.tile([10 - 103.939, 20 - 116.779, 30 - 123.68], (16, 1)),
                                atol=1e-4)
     assert not x[:, :, :8].any()
+
+
+def test_target_rules_agree_with_the_evaluation_threshold():
+    import py_sod_metrics.utils as sod_utils
+
+    m = np.arange(256, dtype=np.uint8)[None]
+    _, gt = sod_utils.prepare_data(np.zeros_like(m), m)  # what pysodmetrics counts as salient
+    np.testing.assert_array_equal(mask_target(m, "binary"), gt.astype(np.float32))
+    soft = mask_target(m, "soft")
+    np.testing.assert_allclose(soft, m / 255)
+    # A soft target is above one half exactly where evaluation says salient, but for the single grey level 128.
+    disagree = np.flatnonzero((soft[0] > 0.5) != gt[0])
+    assert disagree.tolist() == [128]
+    # The official rule rescales a mask whose brightest pixel is not 255; soft does not.
+    dim = np.array([[0, 100, 200]], np.uint8)
+    assert mask_target(dim, "official").max() == 1 and mask_target(dim, "soft").max() == pytest.approx(200 / 255)
+
+
+def test_bilinear_targets_sit_on_the_image_grid_nearest_ones_do_not():
+    # A mask equal to the image's first channel / 255: on one grid, target x 255 == the network input's channel 0.
+    rng = np.random.default_rng(3)
+    img = np.repeat(rng.integers(0, 256, (80, 50, 1), dtype=np.uint8), 3, axis=2)
+    mask = img[:, :, 0].astype(np.float32) / 255
+    x, y = training_sample(img, mask, PLAIN, "bilinear")
+    np.testing.assert_allclose(y[0].numpy() * 255, x[0].numpy(), atol=1e-3)
+    # The official nearest-floor target: a sharp edge lands about half an output pixel early.
+    step = np.zeros((80, 80, 3), np.uint8)
+    step[:, 41:] = 255  # the edge between source columns 40 and 41 (of 80 -> 32: 2.5 source pixels an output pixel)
+    x, y_near = training_sample(step, step[:, :, 0] / 255, PLAIN, "nearest")
+    _, y_bil = training_sample(step, step[:, :, 0] / 255, PLAIN, "bilinear")
+
+    def edge_position(a: torch.Tensor) -> float:  # the rise's centre of mass along the first row, in output pixels
+        profile = a[0, 0].numpy().astype(np.float64)
+        return float(np.average(np.arange(len(profile) - 1) + 0.5, weights=np.diff(profile)))
+
+    image_edge, near_edge, bil_edge = (edge_position(a) for a in (x, y_near, y_bil))
+    assert bil_edge == pytest.approx(image_edge, abs=1e-3)
+    assert abs(near_edge - image_edge) >= 0.25  # (side / size - 1) / 2 source pixels = 0.3 output pixels here
+
+
+def test_dataset_applies_the_target_rule_and_its_epoch_size(tmp_path):
+    img = write_image(tmp_path / "i.png", rgb(64, 64))
+    mask = write_image(tmp_path / "m.png", np.full((64, 64), 100, np.uint8))
+    official = SaliencyDataset([(img, mask)], PLAIN)[0][1]
+    soft = SaliencyDataset([(img, mask)], PLAIN, targets="soft", target_resize="bilinear")
+    assert official.max() == 1 and soft[0][1].max() == pytest.approx(100 / 255)
+    soft.set_epoch(3, 64)
+    x, y, _ = soft[0]
+    assert x.shape == (3, 64, 64) and y.shape == (1, 64, 64)
+
+
+def test_masks_follow_exif_orientation_as_photos_do(tmp_path):
+    from pfanet.io import load_image, load_mask
+
+    photo, mask = rgb(20, 40), np.zeros((20, 40), np.uint8)
+    mask[:, :10] = 255  # the left quarter of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(photo).save(tmp_path / "p.jpg", exif=exif, quality=95)
+    Image.fromarray(mask).save(tmp_path / "m.png", exif=exif)
+    shown_photo, shown_mask = load_image(tmp_path / "p.jpg"), load_mask(tmp_path / "m.png")
+    assert shown_photo.shape[:2] == shown_mask.shape == (40, 20)
+    # Rotated clockwise, the stored left columns become the top rows.
+    assert shown_mask[:10].min() == 255 and shown_mask[10:].max() == 0
 
 
 @pytest.mark.parametrize("h, w", [(1, 1), (3, 2), (17, 600), (300, 400), (255, 256), (200, 10)])

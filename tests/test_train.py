@@ -71,6 +71,52 @@ def test_official_lr_formula_by_hand():
     assert (cpu.lr(0), cpu.lr(6), cpu.lr(3)) == pytest.approx((1e-2, 5e-3, 1e-2 * (1 + math.cos(math.pi / 4)) / 2))
 
 
+def test_cosine_is_per_step_with_a_linear_warm_up():
+    r = RECIPES["cpu-duts"].override(stages="4:1.0:1e-3", warmup_steps=10, size_schedule="")
+    steps = 100
+    # warm-up: (k + 1) / 10 of the cosine's rate over the first 10 steps, then the cosine alone
+    assert r.lr(0, 0, steps) == pytest.approx(1e-4 * (1 + math.cos(0)) / 2)
+    assert r.lr(0, 9, steps) == pytest.approx(1e-3 * (1 + math.cos(math.pi * 0.09 / 4)) / 2)
+    rates = [r.lr(e, k, steps) for e in range(4) for k in range(steps)]
+    assert all(b > a for a, b in zip(rates[:9], rates[1:10]))  # rising during warm-up
+    assert all(b < a for a, b in zip(rates[10:], rates[11:]))  # then falling every step, not once an epoch
+    assert r.lr(2, 0, steps) == pytest.approx(1e-3 * 0.5)  # half-way: half the rate
+    # the official step decay stays per epoch
+    assert RECIPES["official"].lr(6, 0, 100) == RECIPES["official"].lr(6, 99, 100) == pytest.approx(5e-3)
+
+
+def test_weight_decay_spares_biases_and_norm_weights_unless_asked():
+    from pfanet.model import PFANet, PFANetConfig
+    from pfanet.train import freeze_blocks, make_optimizer
+
+    model = PFANet(PFANetConfig())
+    freeze_blocks(model, RECIPES["cpu-duts"].freeze_blocks)
+    by_name = {id(p): n for n, p in model.named_parameters()}
+    opt = make_optimizer(model, RECIPES["cpu-duts"])
+    assert isinstance(opt, torch.optim.AdamW)
+    decayed, spared = ([by_name[id(p)] for p in g["params"]] for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == RECIPES["cpu-duts"].weight_decay > 0
+    assert opt.param_groups[1]["weight_decay"] == 0
+    assert all(n.endswith("weight") for n in decayed) and all(model.get_parameter(n).ndim == 4 or
+                                                               model.get_parameter(n).ndim == 2 for n in decayed)
+    assert any(n.endswith("bias") for n in spared) and any(model.get_parameter(n).ndim == 1 and n.endswith("weight")
+                                                           for n in spared)  # norm scales
+    frozen = RECIPES["cpu-duts"].freeze_blocks
+    assert not any(n.startswith(f"backbone.convs.conv{b}_") for b in range(1, frozen + 1) for n in decayed + spared)
+    one = make_optimizer(model, RECIPES["paper"].override(decay_norm_bias=True, weight_decay=1e-4))
+    assert isinstance(one, torch.optim.SGD) and len(one.param_groups) == 1
+    assert one.param_groups[0]["weight_decay"] == 1e-4
+
+
+def test_size_schedule_and_new_fields_are_checked():
+    r = RECIPES["cpu-duts"]
+    assert [r.size_at(e) for e in (0, 13, 14, 16, 17, 18)] == [128, 128, 192, 192, 256, 256]
+    for bad in ({"size_schedule": "4:100"}, {"size_schedule": "4"}, {"optimizer": "lion"}, {"targets": "half"},
+                {"target_resize": "cubic"}, {"warmup_steps": -1}):
+        with pytest.raises(ValueError):
+            r.override(**bad)
+
+
 def test_named_recipes_hold_the_papers_and_the_official_values():
     paper, official = RECIPES["paper"], RECIPES["official"]
     assert [(s.alpha, s.lr) for s in paper.stages] == [(1.0, 1e-2), (0.7, 1e-3)]
@@ -142,6 +188,33 @@ def full_run(tmp_path_factory, ecssd_pairs, ecssd_val_pairs):
     return root / "run", data, err.getvalue()
 
 
+def test_size_schedule_mid_epoch_validation_on_two_sources_and_resume(tmp_path, ecssd_pairs, ecssd_val_pairs):
+    """cpu-duts's mechanics in small: epoch 1 at 32, epoch 2 at 64; validation every 2 steps and at epoch ends on a
+    fixed subset of each of two sources, one column pair per source; best on the first; resume keeps the log."""
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(8))
+    first = write_list(tmp_path / "first.txt", ecssd_val_pairs(4))
+    second = write_list(tmp_path / "second.txt", ecssd_val_pairs(2))
+    recipe = RECIPES["cpu-duts"].override(stages="2:1.0:1e-4", size=64, size_schedule="1:32", batch_size=2,
+                                          warmup_steps=2)
+    out = tmp_path / "run"
+    opts = dict(val=[str(first), str(second)], val_steps=2, val_limit=2, save_every=1)
+    trainer = Trainer(recipe, options(data, out, max_steps=3, **opts))
+    assert [len(p) for p in trainer.val_sets.values()] == [2, 2]
+    trainer.run()
+    Trainer(recipe, options(data, out, resume=True, **opts)).run()
+    rows = read_log(out)
+    # steps 2 (mid-epoch 1), 4 (epoch 1's end), 6 (mid-epoch 2), 8 (epoch 2's end)
+    assert [(r["epoch"], int(r["step"]), int(r["images"]), int(r["size"])) for r in rows] == [
+        ("0.5", 2, 4, 32), ("1", 4, 8, 32), ("1.5", 6, 12, 64), ("2", 8, 16, 64)]
+    second_cols = [k for k in rows[0] if k.endswith("-second_mae") or k.endswith("-second_maxF")]  # folder-second
+    assert len(second_cols) == 2 and all(r["val_maxF"] and all(r[k] for k in second_cols) for r in rows)
+    _, meta = read_checkpoint(out / "best.safetensors")
+    assert meta["training"]["val_scores"]["maxF"] == max(float(r["val_maxF"]) for r in rows)
+    _, last = read_checkpoint(out / "last.safetensors")
+    assert last["input"]["size"] == 64 and last["training"]["images_seen"] == 16
+    assert read_checkpoint(out / "epoch_0001.safetensors")[1]["input"]["size"] == 32
+
+
 def test_resume_mid_epoch_and_at_an_epoch_boundary_ends_with_the_same_weights(full_run, tmp_path):
     reference, data, _ = full_run
     out = tmp_path / "run"
@@ -183,8 +256,12 @@ def test_run_folder_logs_validation_and_best(full_run):
     assert Recipe.from_dict(json.loads((folder / "recipe.json").read_text())) == recipe
     rows = read_log(folder)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    # cpu-ecssd's stages (alpha 1.0 until 3 of 12 epochs, then 0.7) stretched to 2 epochs; cosine lr.
-    assert [(float(r["alpha"]), float(r["lr"])) for r in rows] == [(1.0, 1e-2), (0.7, pytest.approx(5e-3))]
+    # cpu-ecssd's stages (alpha 1.0 until 3 of 12 epochs, then 0.7) stretched to 2 epochs; cosine lr per step:
+    # each row has the rate of its epoch's last step (of 2).
+    cos = lambda t: 1e-2 * (1 + math.cos(math.pi * t / 2)) / 2  # noqa: E731
+    assert [(float(r["alpha"]), float(r["lr"])) for r in rows] == [(1.0, pytest.approx(cos(0.5))),
+                                                                   (0.7, pytest.approx(cos(1.5)))]
+    assert [int(r["step"]) for r in rows] == [2, 4] and [int(r["images"]) for r in rows] == [4, 8]
     for r in rows:
         assert math.isfinite(float(r["loss"])) and float(r["images_per_s"]) > 0
         assert 0 <= float(r["val_mae"]) <= 1 and 0 <= float(r["val_maxF"]) <= 1
