@@ -66,7 +66,9 @@ class Predictor:
         weights: a weights file (.safetensors, official .h5, .pth), or None for the shipped default model.
         device: "cpu", "cuda", ... (default: cuda when available).
         batch_size: images per forward pass in `predict_batch`.
-        model: an already built model (used as is, e.g. during training); needs `spec`.
+        model: an already built model (used as is, e.g. during training); needs `spec`. It stays on its device
+            unless `device` is given (then it is moved there), and in its mode: eval only during each forward pass,
+            its own mode (e.g. train) restored after.
         spec: the input convention of `model`.
         backend: "torch" (default here: plain PyTorch), "onnxruntime" (the weights exported once to an ONNX graph,
             checked against PyTorch and cached by content under `onnx_cache_dir()`), "int8" (an INT8 graph made from
@@ -80,7 +82,8 @@ class Predictor:
     def __init__(self, weights: str | os.PathLike | None = None, device: str | None = None, batch_size: int = 4,
                  model: PFANet | None = None, spec: InputSpec | None = None, backend: str = "torch"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if model is None:
+        own = model is None
+        if own:
             if weights is None and not DEFAULT_WEIGHTS.is_file():
                 from .weights import WeightsError
 
@@ -101,11 +104,15 @@ class Predictor:
         else:
             self.meta, self.source = {}, "a model passed in memory"
             self.backend, self.backend_reason = "torch", "a model passed in memory"
+            if device is None:  # where the caller's model is, not where a default would move it
+                self.device = next(model.parameters(), torch.empty(0)).device
         if spec is None:
             raise ValueError("a model passed directly needs its InputSpec")
-        self.model, self.spec, self.batch_size = model.to(self.device).eval(), spec, batch_size
+        self.model, self.spec, self.batch_size = model.to(self.device), spec, batch_size
+        if own:
+            self.model.eval()
         # On a GPU the fast path is NHWC convolutions in bf16; the logits come back as float32 all the same.
-        self.gpu_fast = backend == "auto" and self.backend == "torch" and self.device.type == "cuda"
+        self.gpu_fast = own and backend == "auto" and self.backend == "torch" and self.device.type == "cuda"
         if self.gpu_fast:
             self.model.to(memory_format=torch.channels_last)
         self._lock = threading.Lock()
@@ -192,7 +199,12 @@ class Predictor:
         with self._lock, fast:
             if self.gpu_fast:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return self.model(x).float().cpu()
+            training = self.model.training  # a caller's model may be training: eval for this pass only
+            self.model.eval()
+            try:
+                return self.model(x).float().cpu()
+            finally:
+                self.model.train(training)
 
     def predict(self, image: ImageInput) -> np.ndarray:
         """One image -> (H, W) uint8 saliency map at the image's original size."""

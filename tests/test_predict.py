@@ -14,6 +14,7 @@ import sys
 import threading
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from reference import laplace_edges
@@ -353,3 +354,19 @@ def test_backend_falls_back_to_pytorch_when_the_cache_cannot_be_written(weights,
     with pytest.raises(ValueError, match="backend must be one of"):
         Predictor(weights, device="cpu", backend="tensorrt")
     assert Predictor(weights, device="cpu").backend == "torch"  # the Python default is the reference
+
+
+def test_a_model_passed_in_keeps_its_device_and_mode(weights, predictor, images):
+    """Predictor(model=m) runs m where it is and in eval mode for each pass only: a model being trained stays in
+    train mode (and is not moved to a default device)."""
+    from pfanet.weights import load_checkpoint
+
+    model, spec, _ = load_checkpoint(weights)
+    model.train()
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    mine = Predictor(model=model, spec=spec)
+    assert mine.device == torch.device("cpu") and model.training
+    saliency = mine.predict(images[0])
+    assert modes == [False] and model.training  # eval for the pass, train again after
+    np.testing.assert_array_equal(saliency, predictor.predict(images[0]))
