@@ -50,8 +50,10 @@ SECTIONS = ("matmul", "flops", "profile", "inference", "training", "rss", "evalu
 # Inference paths. int8: QDQ, per-channel 7-bit weights (what `pfanet export --int8` writes); the variants show what
 # the other choices do: per-tensor weights, QOperator graph, full-range weights (saturate in AVX2 int8 kernels).
 # openvino / openvino-int8: the fp32 / int8 ONNX files compiled by OpenVINO (only when `pip install openvino` is done).
-PATHS = ("eager", "channels_last", "compile", "ort", "int8", "int8-tensor", "int8-qop", "int8-fullrange", "openvino",
-         "openvino-int8", "u2netp")
+# int8-shipped: the INT8 graph beside the weights (tools/ship_model.py writes it; `--backend auto` runs it on CPUs with
+# VNNI or AMX), used only when its recorded SHA-256 is the weights'.
+PATHS = ("eager", "channels_last", "compile", "ort", "int8", "int8-tensor", "int8-qop", "int8-fullrange", "int8-shipped",
+         "openvino", "openvino-int8", "u2netp")
 DEFAULT_PATHS = ("eager", "channels_last", "compile", "ort", "int8", "u2netp")
 INT8_VARIANTS = {  # name -> quantize_onnx options
     "int8": {},
@@ -232,6 +234,13 @@ def build_paths(names: list[str], weights: pathlib.Path, size: int, work: pathli
                 paths[name] = torch.compile(copy.deepcopy(model), dynamic=False)
             elif name == "u2netp":
                 paths[name] = U2NetPNetwork(threads)
+            elif name == "int8-shipped":
+                from pfanet.predictor import file_sha256, find_int8_graph, int8_path
+
+                graph = find_int8_graph(weights, file_sha256(weights))
+                if graph is None:
+                    raise RuntimeError(f"no INT8 graph of these weights at {int8_path(weights)}")
+                paths[name] = OnnxNetwork(graph.path, threads=threads)
             else:
                 if not fp32.is_file():
                     plan = plan_export(model, dataclasses.replace(spec, size=size), size=size)

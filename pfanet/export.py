@@ -17,6 +17,7 @@ real images through `pfanet.transforms.preprocess`); it keeps the metadata, so `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -376,30 +377,58 @@ class OnnxNetwork(nn.Module):
     `pfanet.transforms.postprocess` is used unchanged.
     """
 
-    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu", threads: int | None = None,
+                 optimized: str | os.PathLike | None = None):
         super().__init__()
         self.path = pathlib.Path(path)
-        self.session = self.session_for(self.path, torch.device(device), threads)
+        self.session = self.session_for(self.path, torch.device(device), threads, optimized)
         self.meta = read_metadata(self.session, self.path)
         self.spec = InputSpec.from_dict(self.meta["input"])
         self.input_name = self.session.get_inputs()[0].name
 
     @staticmethod
-    def session_for(path: str | os.PathLike, device: torch.device, threads: int | None = None):
+    def session_for(path: str | os.PathLike, device: torch.device, threads: int | None = None,
+                    optimized: str | os.PathLike | None = None):
         """An onnxruntime session on `device` (CUDA when asked for and available, else CPU), with `threads`
-        intra-op threads (None: onnxruntime's default, one per physical core)."""
+        intra-op threads (None: onnxruntime's default, one per physical core).
+
+        `optimized` (CPU only) keeps onnxruntime's optimised graph, most of a session's start-up: loaded as it is
+        when the file exists, else written by this session for the next one. It holds layouts chosen for this CPU
+        and onnxruntime version, so its name must say which (`pfanet.predictor.optimized_path`).
+        """
         import onnxruntime as ort
 
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
+            optimized = None
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
+        if optimized is not None and os.path.isfile(optimized):
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once already
+            try:
+                return ort.InferenceSession(str(optimized), options, providers=providers)
+            except Exception as e:  # noqa: BLE001 -- a damaged file: optimise the graph again
+                log.warning("%s: not used (%s); optimising %s again", optimized, type(e).__name__, path)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        tmp = None
+        if optimized is not None:
+            with contextlib.suppress(OSError):  # a read-only cache: no optimised copy
+                pathlib.Path(optimized).parent.mkdir(parents=True, exist_ok=True)
+                tmp = f"{optimized}.{os.getpid()}.tmp"
+                options.optimized_model_filepath = tmp
+                options.log_severity_level = 3  # not its warning that the file is hardware-specific: it is named so
         try:
-            return ort.InferenceSession(str(path), options, providers=providers)
+            session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+            if tmp is not None:
+                pathlib.Path(tmp).unlink(missing_ok=True)
             raise WeightsError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.replace(tmp, optimized)
+        return session
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]

@@ -189,7 +189,7 @@ class Predictor:
                 os.replace(tmp, graph)
             finally:
                 pathlib.Path(tmp).unlink(missing_ok=True)
-        return OnnxNetwork(graph, self.device)
+        return OnnxNetwork(graph, self.device, optimized=optimized_path(graph))
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,6 +277,17 @@ def int8_cache_path(sha: str) -> pathlib.Path:
     return onnx_cache_dir() / f"{sha}.int8.onnx"
 
 
+def optimized_path(graph: pathlib.Path) -> pathlib.Path:
+    """Where onnxruntime's optimised form of `graph` is kept (`OnnxNetwork(optimized=...)`): named by the graph file
+    (path, size, time) and by what the optimisation depends on (onnxruntime's version, the CPU's flags)."""
+    import onnxruntime
+
+    stat = graph.stat()
+    made_for = (f"{graph.resolve()} {stat.st_size} {stat.st_mtime_ns} {onnxruntime.__version__} "
+                f"{sorted(hardware.cpu_flags())}")
+    return onnx_cache_dir() / "optimized" / f"{hashlib.sha256(made_for.encode()).hexdigest()[:32]}.onnx"
+
+
 def find_int8_graph(path: pathlib.Path, sha: str, device: torch.device | str = "cpu") -> torch.nn.Module | None:
     """An INT8 graph made from exactly these weights (SHA-256 `sha`, stored in the graph's metadata), at their input
     convention: the one beside them, else the cached one. Stale or foreign graphs are skipped with a warning."""
@@ -287,7 +298,7 @@ def find_int8_graph(path: pathlib.Path, sha: str, device: torch.device | str = "
         if not graph.is_file():
             continue
         try:
-            net = OnnxNetwork(graph, device)
+            net = OnnxNetwork(graph, device, optimized=optimized_path(graph))
         except WeightsError as e:
             log.warning("%s: INT8 graph not used (%s)", graph, e)
             continue

@@ -209,6 +209,21 @@ def test_the_fp32_cache_entry_is_checked_when_made_and_a_wrong_graph_falls_back_
     assert p.backend == "onnxruntime" and len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
 
 
+def test_onnxruntime_keeps_its_optimised_graph_for_the_next_start(weights, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PFANET_CACHE", str(tmp_path))
+    x = torch.from_numpy(export.example_batch(load_checkpoint(weights)[1], 2))
+    want = Predictor(weights, device="cpu", backend="onnxruntime").logits(x)
+    (kept,) = (tmp_path / "onnx" / "optimized").glob("*")
+    stamp = kept.stat().st_mtime_ns
+    again = Predictor(weights, device="cpu", backend="onnxruntime")  # loads the optimised graph as it is
+    assert kept.stat().st_mtime_ns == stamp
+    torch.testing.assert_close(again.logits(x), want, rtol=0, atol=1e-5)
+    kept.write_bytes(b"damaged")
+    damaged = Predictor(weights, device="cpu", backend="onnxruntime")
+    assert damaged.backend == "onnxruntime" and "optimising" in caplog.text and kept.stat().st_size > 1000
+    torch.testing.assert_close(damaged.logits(x), want, rtol=0, atol=1e-5)
+
+
 def test_health_reports_the_backend_and_why(weights, monkeypatch):
     import httpx
 
