@@ -94,6 +94,9 @@ def add_train(sub) -> None:
                    help="default: on a GPU")
     m.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; default: on a GPU")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--collective-timeout", type=float, default=7200, metavar="SECONDS",
+                   help="under torchrun, how long a rank waits for the others, e.g. while rank 0 validates "
+                        "(default 7200)")
     p.set_defaults(func=run_train)
 
 
@@ -120,7 +123,7 @@ def run_train(args) -> int:
         val_limit=args.val_limit, save_every=args.save_every,
         save_steps=args.save_steps, resume=args.resume, seed=args.seed, workers=args.workers, cache=args.cache,
         max_steps=args.max_steps, device=args.device, compile=args.compile, channels_last=args.channels_last,
-        bf16=args.bf16, limit=args.limit, progress=not args.no_progress)
+        bf16=args.bf16, limit=args.limit, progress=not args.no_progress, collective_timeout=args.collective_timeout)
     try:
         recipe = recipe_for_run(args.recipe, overrides, args.out, args.resume)
         print(f"recipe {recipe.name}:\n{recipe.to_json()}", file=sys.stderr)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -78,6 +79,7 @@ class TrainOptions:
     bf16: bool | None = None  # autocast; default: on a GPU
     limit: int | None = None  # use only the first N training pairs
     progress: bool = True
+    collective_timeout: float = 7200.0  # seconds a rank waits in a collective (the others wait while rank 0 validates)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -152,7 +154,8 @@ class Trainer:
         if self.world > 1 and not dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=opts.collective_timeout))
             self.own_group = True
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.main = self.rank == 0

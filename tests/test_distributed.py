@@ -109,3 +109,39 @@ def test_torchrun_two_cpu_processes(tmp_path, ecssd_pairs, ecssd_val_pairs):
         torch.testing.assert_close(w0[k], v, rtol=1e-4, atol=1e-6, msg=k)
     initial = Trainer(recipe, TrainOptions(train=[str(data)], out=str(tmp_path / "init"), progress=False))
     assert not torch.allclose(initial.model.fusion.weight, w0["fusion.weight"])  # training did move the weights
+
+
+SLOW_VALIDATION = textwrap.dedent("""
+    import sys, time
+    import pfanet.train as train
+    from pfanet.recipes import RECIPES
+
+    def slow_validate(*args, **kwargs):  # rank 0 validates; the other rank waits in the next collective
+        time.sleep(600)
+
+    train.validate = slow_validate
+    recipe = RECIPES["cpu-ecssd"].override(size=32, batch_size=2, epochs=1, dropout=False)
+    options = train.TrainOptions(train=[sys.argv[1]], out=sys.argv[2], val=[sys.argv[3]], workers=0, progress=False,
+                                 collective_timeout=float(sys.argv[4]))
+    train.Trainer(recipe, options).run()
+""")
+
+
+def test_the_waiting_rank_gives_up_after_the_collective_timeout(tmp_path, ecssd_pairs, ecssd_val_pairs):
+    """Rank 0 validates (here for 10 minutes) while rank 1 waits in a collective: the wait is bounded by
+    TrainOptions.collective_timeout (--collective-timeout, default 2 h), not by the process group's default. With 20 s
+    the run ends in an error from the waiting rank long before the validation would."""
+    torchrun = pathlib.Path(sys.executable).parent / "torchrun"
+    if not torchrun.is_file():
+        pytest.skip(f"no torchrun beside {sys.executable}")
+    data = tmp_path / "train.txt"
+    data.write_text("".join(f"{i}\t{m}\n" for i, m in ecssd_pairs(4)))
+    val = tmp_path / "val.txt"
+    val.write_text("".join(f"{i}\t{m}\n" for i, m in ecssd_val_pairs(1)))
+    (tmp_path / "worker.py").write_text(SLOW_VALIDATION)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "worker.py"),
+                           str(data), str(tmp_path / "run"), str(val), "20"],
+                          env=env, capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode != 0
+    assert "Timed out" in proc.stderr or "timed out" in proc.stderr, proc.stderr[-3000:]
