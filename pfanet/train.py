@@ -526,7 +526,8 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            log.info("tensorboard not installed: no event files, log.csv only")
+            log.info("tensorboard not installed (the \"train\" extra: pip install \"pfanet[train]\"): no event files, "
+                     "log.csv only")
             return None
         return SummaryWriter(str(self.out / "tb"), purge_step=self.global_step + 1 if self.state else None)
 

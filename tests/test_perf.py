@@ -89,11 +89,11 @@ def test_int8_maps_through_predictor_follow_fp32(weights, int8, ecssd_val_pairs)
     for rgb, a, b in zip(images, want, got):
         assert b.shape == rgb.shape[:2] and b.dtype == np.uint8
         r = np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1]
-        # On this random-weight net, measured: r = 0.994-0.996, mean differences 4.0-4.5 gray levels (the shipped
-        # model at 192: 0.6). The loose bounds catch a broken graph (e.g. saturating int8 kernels, wrong ranges),
-        # not a few gray levels.
-        assert r > 0.95
-        assert np.abs(a.astype(int) - b.astype(int)).mean() < 8
+        # On this random-weight net (AVX2, 7-bit weights), measured: r = 0.994-0.996, mean differences 4.05-4.46
+        # gray levels (the shipped model: 0.9, below); full-range weights saturating AVX2's int16 pair sums, or
+        # wrong ranges, go far past these bounds.
+        assert r > 0.985
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 6
 
 
 def test_int8_export_needs_calibration_images(weights, tmp_path, capsys):
@@ -247,14 +247,15 @@ def test_shipped_int8_graph_is_made_from_the_shipped_weights_and_follows_their_m
     assert int8.model.path == SHIPPED_INT8 and int8.model.meta["int8"]["calibration_images"] >= 16
     want = Predictor(device="cpu", backend="torch").predict_batch(images)
     got = int8.predict_batch(images)
-    diffs = [np.abs(a.astype(int) - b.astype(int)) for a, b in zip(want, got, strict=True)]
+    pixels = np.concatenate([np.abs(a.astype(int) - b.astype(int)).ravel() for a, b in zip(want, got, strict=True)])
     masks = [load_mask(mask) / 255 for _, mask in pairs]
-    def mae(maps):
-        return np.mean([np.abs(m / 255 - gt).mean() for m, gt in zip(maps, masks, strict=True)])
-    # Measured (docs/PERFORMANCE.md): ...
-    assert max(d.max() for d in diffs) <= 40
-    assert np.mean([d.mean() for d in diffs]) <= 1.5
-    assert abs(mae(got) - mae(want)) <= 0.002
+    mae_fp32, mae_int8 = (np.mean([np.abs(m / 255 - gt).mean() for m, gt in zip(maps, masks, strict=True)])
+                          for maps in (want, got))
+    # Measured on these 6 images (the model of 2026-11-24, AVX2, DUTS-TR calibration): max 21 gray levels, mean
+    # 0.91, MAE +0.0012; on all 100 val images max 21, mean 0.92, 89.5 % of pixels within 2 levels, MAE +0.0002
+    # and max F +0.0011 (docs/PERFORMANCE.md).
+    assert pixels.max() <= 32 and pixels.mean() <= 1.5 and (pixels <= 2).mean() >= 0.8
+    assert abs(mae_int8 - mae_fp32) <= 0.002
 
 
 @pytest.fixture(scope="module")
