@@ -598,7 +598,8 @@ def run_load(weights: str | os.PathLike, images: list[pathlib.Path], requests: i
         health = httpx.get(server.url + "/health").json()
         limits = health["limits"]
         cases = build_cases(photos, int(limits["max_upload_mb"] * 2**20), token)
-        config = {"weights": str(weights), "input": health["input"], "requests": requests, "clients": clients, "url": server.url,
+        config = {"weights": str(weights), "input": health["input"], "requests": requests, "clients": clients,
+                  "url": server.url,
                   "max_upload_mb": limits["max_upload_mb"], "server_timeout_s": limits["timeout_s"],
                   "max_queue": limits["max_queue"], "client_timeout_s": client_timeout_s,
                   "images": len(images), "cases": len(cases), "seed": seed, "strace": trace,

@@ -1,4 +1,4 @@
-"""`python -m pfanet COMMAND ...` is the `pfanet` command, e.g. `torchrun --nproc-per-node 4 -m pfanet predict-shard`."""
+"""`python -m pfanet COMMAND ...` is the `pfanet` command, e.g. `torchrun -m pfanet predict-shard photos/ -o maps/`."""
 
 import sys
 

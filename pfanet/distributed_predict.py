@@ -108,9 +108,10 @@ def report(summary: Summary, shard: Shard, out_dir: str | os.PathLike, whole: bo
         print(f"  {failure}", file=sys.stderr)
 
 
-def run(inputs: Sequence[str], out_dir: str | os.PathLike, options: PredictOptions = PredictOptions(),
+def run(inputs: Sequence[str], out_dir: str | os.PathLike, options: PredictOptions | None = None,
         workers: int = 4, progress: bool = True, shard: Shard | None = None) -> int:
     """Predict this process's shard and report; the exit status (1 when anything failed on any rank seen)."""
+    options = options or PredictOptions()
     shard = shard or Shard.from_env()
     device = options.device
     if device is None and torch.cuda.is_available():

@@ -149,14 +149,17 @@ class PFANetMapper:
             f.write(data)
 
 
-def run(source: str, output: str, options: PredictOptions = PredictOptions(batch_size=8), concurrency: int = 1,
-        num_gpus: float = 0, address: str | None = None, num_cpus: int | None = None) -> tuple[int, int, list[str]]:
+def run(source: str, output: str, options: PredictOptions | None = None, concurrency: int = 1, num_gpus: float = 0,
+        address: str | None = None, num_cpus: int | None = None) -> tuple[int, int, list[str]]:
     """Predict everything under `source` into `output` with Ray Data; returns (written, skipped, failures).
+
+    `options` (default: `PredictOptions(batch_size=8)`) says which model and which outputs.
 
     Connects to the Ray cluster at `address` ("auto": the one this machine belongs to), or starts a local one.
     """
     import ray
 
+    options = options or PredictOptions(batch_size=8)
     items = list_inputs(source)
     todo = items if options.overwrite else pending(items, output, options.kinds, options.fmt)
     if not todo:

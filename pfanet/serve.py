@@ -235,12 +235,12 @@ class BackgroundServer:
         self.sock.close()
 
 
-def serve(options: PredictOptions = PredictOptions(), host: str = "127.0.0.1", port: int = 8000,
+def serve(options: PredictOptions | None = None, host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = 20, max_pixels: int | None = None, timeout_s: float = 60, max_queue: int = 8,
           log_level: str = "info") -> None:
     """Load the model `options` describe, then serve until interrupted (`max_pixels` None: `MAX_PIXELS`)."""
     import uvicorn
 
-    predictor = options.predictor()
+    predictor = (options or PredictOptions()).predictor()
     app = create_app(predictor, max_upload_mb, max_pixels or MAX_PIXELS, timeout_s, max_queue)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -14,8 +14,8 @@ import sys
 import threading
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 from reference import laplace_edges
 
