@@ -69,6 +69,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             trainer.run()
             seconds = time.perf_counter() - t0
+            if trainer.stopped_by:  # Ctrl-C / SIGTERM stops the comparison, not just this variant
+                return 128 + trainer.stopped_by
             scores = validate(trainer.model, trainer.spec, val, torch.device("cpu"))
         row = {"name": name, "changes": changes, "images": steps * recipe.batch_size,
                "images_per_s": steps * recipe.batch_size / seconds, "val_mae": scores["mae"],

@@ -423,6 +423,12 @@ class Trainer:
                                         img_s=f"{seen_here / (time.perf_counter() - t_bar):.2f}")
                         if writer is not None:
                             writer.add_scalar("step/loss", loss, self.global_step + 1)
+                            writer.add_scalar("step/lr", lr, self.global_step + 1)
+                        if self.main and not self.opts.progress and (self.global_step + 1) % 50 == 0:
+                            log.info("epoch %d step %d/%d (%d images): loss %.4f lr %.3g, %.2f images/s",
+                                     self.epoch + 1, self.step_in_epoch + 1, total,
+                                     (self.global_step + 1) * self.recipe.batch_size * self.world, loss, lr,
+                                     seen_here / (time.perf_counter() - t_bar))
                     else:
                         log.warning("epoch %d step %d skipped: a batch had no usable pair",
                                     self.epoch + 1, self.step_in_epoch + 1)

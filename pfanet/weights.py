@@ -45,9 +45,13 @@ def save_checkpoint(
     training: dict | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write `model` as safetensors with its metadata, atomically (a crash never leaves a half-written file)."""
+    """Write `model` as safetensors with its metadata, atomically (a crash never leaves a half-written file).
+
+    `dtype` applies to the parameters; BatchNorm's running statistics stay float32: `batch`-normalised training can
+    drive a running variance past float16's largest value (65504), which would load as infinity."""
     tensors = {
-        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+        k: (v.detach().to(torch.float32 if k.endswith(("running_mean", "running_var")) else dtype)
+            if v.is_floating_point() else v.detach()).contiguous().cpu()
         for k, v in model.state_dict().items()
     }
     meta = {

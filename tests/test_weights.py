@@ -272,6 +272,7 @@ def test_safetensors_round_trip_keeps_config_input_and_training(tmp_path):
 
 def test_safetensors_fp16_halves_the_file(tmp_path):
     model = randomised_model(PFANetConfig())
+    model.c1_bn.running_var.fill_(5e5)  # past float16's range: must survive as float32
     save_checkpoint(tmp_path / "32.safetensors", model, OFFICIAL_INPUT)
     save_checkpoint(tmp_path / "16.safetensors", model, OFFICIAL_INPUT, dtype=torch.float16)
     size32, size16 = ((tmp_path / f"{n}.safetensors").stat().st_size for n in (32, 16))
@@ -279,9 +280,11 @@ def test_safetensors_fp16_halves_the_file(tmp_path):
     with safe_open(str(tmp_path / "16.safetensors"), framework="pt") as f:
         assert f.get_tensor("fusion.weight").dtype == torch.float16
         assert f.get_tensor("c1_bn.num_batches_tracked").dtype == torch.int64  # integers are not cast
+        assert f.get_tensor("c1_bn.running_var").dtype == torch.float32  # BN statistics are not either
     loaded, _, _ = load_checkpoint(tmp_path / "16.safetensors")
     for k, v in model.state_dict().items():
-        want = v.half().to(v.dtype) if v.is_floating_point() else v
+        stat = k.endswith(("running_mean", "running_var"))
+        want = v.half().to(v.dtype) if v.is_floating_point() and not stat else v
         got = loaded.state_dict()[k]
         assert got.dtype == v.dtype and torch.equal(got, want), k
 
