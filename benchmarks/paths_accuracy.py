@@ -32,7 +32,7 @@ from pfanet.data import read_list_file
 from pfanet.evaluate import SODMetrics, fit_to_mask
 from pfanet.export import calibration_images
 from pfanet.io import load_image, load_mask
-from pfanet.predictor import DEFAULT_WEIGHTS, Predictor
+from pfanet.predictor import DEFAULT_WEIGHTS, Predictor, file_sha256
 from pfanet.weights import load_checkpoint
 
 
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = pathlib.Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"command": " ".join(sys.argv), "weights": str(weights), "size": spec.size,
+        out.write_text(json.dumps({"command": " ".join(sys.argv), "weights": str(weights),
+                                   "weights_sha256": file_sha256(weights), "size": spec.size,
                                    "pairs": str(listing), "images": len(pairs), "calibration_images": len(calib),
                                    "paths": rows},
                                   indent=2) + "\n")

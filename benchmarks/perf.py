@@ -87,15 +87,18 @@ QUICK = Settings(warmup=1, reps=2, matmul_n=1024, matmul_reps=3, train_reps=1, c
 
 def cpu_info() -> dict:
     """CPU model, the instruction-set flags that decide fp32/int8/bf16 speed, and what PyTorch dispatches to."""
-    model, flags = platform.processor(), set()
+    model, flags, family = platform.processor(), set(), {}
     with contextlib.suppress(OSError):
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 model = value.strip()
+            elif key.strip() in ("cpu family", "model") and key.strip() not in family:
+                family[key.strip()] = value.strip()
             elif key.strip() == "flags":
                 flags = set(value.split())
-    return {"model": model, "logical_cpus": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS},
+    return {"model": model, "family": family, "logical_cpus": os.cpu_count(),
+            "flags": {f: f in flags for f in CPU_FLAGS},
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 

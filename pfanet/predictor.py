@@ -170,25 +170,32 @@ class Predictor:
         return "onnxruntime", f"auto: fp32, the CPU has none of {', '.join(hardware.INT8_FLAGS)} (INT8 no faster)"
 
     def _fp32_graph(self, path: pathlib.Path, sha: str, checkpoint) -> torch.nn.Module:
-        """The cached fp32 ONNX graph of the weights, exported and checked against PyTorch when first made."""
+        """The cached fp32 ONNX graph of the weights, exported and checked against PyTorch when first made (again
+        when the cached file cannot be read)."""
         from .export import PARITY_SIZE, PARITY_TOLERANCE, OnnxNetwork, check_parity, export_onnx, plan_export
+        from .weights import WeightsError
 
         graph = onnx_cache_dir() / f"{_content_key(path, sha)}.onnx"
-        if not graph.is_file():
-            model, spec, meta = checkpoint()
-            plan = plan_export(model, spec)
-            graph.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=graph.parent, prefix=f".{graph.stem}.", suffix=".onnx")
-            os.close(fd)
+        if graph.is_file():
             try:
-                export_onnx(plan, tmp, dict(meta, weights_sha256=sha))
-                diff = check_parity(plan, tmp, n=1, size=PARITY_SIZE)
-                if not diff <= PARITY_TOLERANCE:  # NaN fails too
-                    raise ValueError(f"the exported graph differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g})"
-                                     f" on a {PARITY_SIZE}x{PARITY_SIZE} image; not cached")
-                os.replace(tmp, graph)
-            finally:
-                pathlib.Path(tmp).unlink(missing_ok=True)
+                return OnnxNetwork(graph, self.device, optimized=optimized_path(graph))
+            except WeightsError as e:
+                log.warning("damaged cache entry, exported again: %s", e)
+                graph.unlink(missing_ok=True)
+        model, spec, meta = checkpoint()
+        plan = plan_export(model, spec)
+        graph.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=graph.parent, prefix=f".{graph.stem}.", suffix=".onnx")
+        os.close(fd)
+        try:
+            export_onnx(plan, tmp, dict(meta, weights_sha256=sha))
+            diff = check_parity(plan, tmp, n=1, size=PARITY_SIZE)
+            if not diff <= PARITY_TOLERANCE:  # NaN fails too
+                raise ValueError(f"the exported graph differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g})"
+                                 f" on a {PARITY_SIZE}x{PARITY_SIZE} image; not cached")
+            os.replace(tmp, graph)
+        finally:
+            pathlib.Path(tmp).unlink(missing_ok=True)
         return OnnxNetwork(graph, self.device, optimized=optimized_path(graph))
 
     @torch.inference_mode()

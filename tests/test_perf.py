@@ -206,7 +206,11 @@ def test_the_fp32_cache_entry_is_checked_when_made_and_a_wrong_graph_falls_back_
     assert not list((tmp_path / "onnx").iterdir())  # nothing cached, no temporary file left
     monkeypatch.setattr(export, "export_onnx", real)
     p = Predictor(weights, device="cpu", backend="auto")
-    assert p.backend == "onnxruntime" and len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
+    (entry,) = (tmp_path / "onnx").glob("*.onnx")
+    assert p.backend == "onnxruntime" and p.model.path == entry
+    entry.write_bytes(b"damaged later")  # an unreadable entry is made again
+    p = Predictor(weights, device="cpu", backend="auto")
+    assert p.backend == "onnxruntime" and "damaged cache entry" in caplog.text and entry.stat().st_size > 1000
 
 
 def test_onnxruntime_keeps_its_optimised_graph_for_the_next_start(weights, tmp_path, monkeypatch, caplog):
