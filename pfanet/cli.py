@@ -87,6 +87,8 @@ def add_train(sub) -> None:
     m.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes (default 2)")
     m.add_argument("--cache", action="store_true", help="keep decoded images in memory")
     m.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps in this process")
+    m.add_argument("--max-minutes", type=float,
+                   help="stop (with a checkpoint) after M minutes of training in this process (a rented GPU's time)")
     m.add_argument("--limit", type=int, help="use only the first N training pairs")
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     m.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -122,7 +124,7 @@ def run_train(args) -> int:
         train=args.data, out=args.out, val=args.val, val_every=args.val_every, val_steps=args.val_steps,
         val_limit=args.val_limit, save_every=args.save_every,
         save_steps=args.save_steps, resume=args.resume, seed=args.seed, workers=args.workers, cache=args.cache,
-        max_steps=args.max_steps, device=args.device, compile=args.compile, channels_last=args.channels_last,
+        max_steps=args.max_steps, max_minutes=args.max_minutes, device=args.device, compile=args.compile, channels_last=args.channels_last,
         bf16=args.bf16, limit=args.limit, progress=not args.no_progress, collective_timeout=args.collective_timeout)
     try:
         recipe = recipe_for_run(args.recipe, overrides, args.out, args.resume)

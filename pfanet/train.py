@@ -73,6 +73,7 @@ class TrainOptions:
     workers: int = 2
     cache: bool = False
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in this process
+    max_minutes: float | None = None  # stop (with a checkpoint) after this much training time in this process
     device: str | None = None
     compile: bool = False
     channels_last: bool | None = None  # default: on a GPU
@@ -392,7 +393,7 @@ class Trainer:
 
     def loop(self) -> None:
         writer = self.tensorboard()
-        steps_here = 0
+        steps_here, started = 0, time.perf_counter()
         try:
             while self.epoch < self.recipe.epochs:
                 stage = self.recipe.stage(self.epoch)
@@ -435,8 +436,9 @@ class Trainer:
                     self.step_in_epoch += 1
                     self.global_step += 1
                     steps_here += 1
-                    wants_stop = self.stopped_by is not None or bool(self.opts.max_steps
-                                                                     and steps_here >= self.opts.max_steps)
+                    time_up = bool(self.opts.max_minutes and time.perf_counter() - started > 60 * self.opts.max_minutes)
+                    wants_stop = (self.stopped_by is not None or time_up
+                                  or bool(self.opts.max_steps and steps_here >= self.opts.max_steps))
                     stop = self.sum_over_ranks(wants_stop)[0] > 0
                     if self.step_in_epoch >= total:
                         break  # the epoch's end (below) writes the checkpoint, stopping or not
@@ -445,6 +447,8 @@ class Trainer:
                         self.log_row(self.row(lr, stage.alpha, total), writer, validate_now=True)
                         self.model.train()
                         t0 = time.perf_counter()
+                    if time_up:  # the end of a rented machine's time: score where it got to
+                        self.log_row(self.row(lr, stage.alpha, total), writer, validate_now=True)
                     if stop or (self.opts.save_steps and self.step_in_epoch % self.opts.save_steps == 0):
                         self.epoch_seconds += time.perf_counter() - t0  # the timer restarts with the next step
                         t0 = time.perf_counter()
