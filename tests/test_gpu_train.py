@@ -16,7 +16,7 @@ from pfanet.weights import load_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-import gpu_train  # noqa: E402
+import gpu_train
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_unpack_as_parts_arrive_then_train_bring_back_and_join(packed, tmp_path,
     run = tmp_path / "run"
     cmd = gpu_train.train_command(0.001, 1, str(run), device="cpu", data=str(dst)) + ["--batch-size", "2",
                                                                                        "--size", "64"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     _, spec, meta = load_checkpoint(run / "last.safetensors")
     assert meta["training"]["recipe"]["name"] == "paper" and spec.channel_order == "BGR"  # HED's convention kept
