@@ -35,9 +35,11 @@ CALIBRATION = REPO.parent / "shared" / "data" / "duts-tr" / "train.txt"
 
 
 def val_log(run: pathlib.Path) -> list[dict]:
+    """Every validated row of the run's log.csv: position (epoch, images seen) and each source's MAE / max F."""
     with (run / "log.csv").open(newline="") as f:
-        return [{"epoch": int(r["epoch"]), "val_mae": float(r["val_mae"]), "val_maxF": float(r["val_maxF"])}
-                for r in csv.DictReader(f) if r.get("val_mae")]
+        rows = [r for r in csv.DictReader(f) if r.get("val_mae")]
+    wanted = [k for k in (rows[0] if rows else {}) if k in ("epoch", "images") or k.endswith(("_mae", "_maxF"))]
+    return [{k: float(r[k]) for k in wanted if r.get(k)} for r in rows]
 
 
 def write_int8(weights: pathlib.Path, calibration: pathlib.Path, count: int) -> pathlib.Path:
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint", help="the chosen .safetensors of a run (e.g. its best.safetensors)")
     ap.add_argument("--run", help="the run folder (its log.csv holds the validation history)")
     ap.add_argument("--status", help="one line: where this model stands")
+    ap.add_argument("--selected-on", default="max F on the run's first validation source (best.safetensors)",
+                    help="how the checkpoint was chosen (stored in the metadata)")
     ap.add_argument("-o", "--out")
     ap.add_argument("--calibration", type=pathlib.Path, default=CALIBRATION,
                     help=f"INT8 calibration images: a training list file or folder (default {CALIBRATION})")
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
     if init:
         training["init_training"] = load_checkpoint(init)[2].get("training", {})
     training["val_log"] = val_log(pathlib.Path(args.run))
-    training["selected_on"] = "ECSSD val.txt max F (best.safetensors)"
+    training["selected_on"] = args.selected_on
     training["status"] = args.status
     save_checkpoint(args.out, model, spec, training, dtype=torch.float16)
     print(f"wrote {args.out}: epoch {training.get('epoch')} of {training.get('recipe', {}).get('name')}, val "
