@@ -33,20 +33,26 @@ def main(argv=None) -> None:
     ap.add_argument("-o", "--out", help="PNG path (default FIRST_RUN/training_curve.png)")
     args = ap.parse_args(argv)
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    by_images = False
     for run in map(pathlib.Path, args.runs):
         with (run / "log.csv").open(newline="") as f:
             rows = list(csv.DictReader(f))
         offset = epoch_offset(run)
-        epochs = [offset + int(r["epoch"]) for r in rows]
-        ax[0].plot(epochs, [float(r["loss"]) for r in rows], "o-", label=f"{run.name}: train loss")
-        val = [r for r in rows if r.get("val_mae")]
-        if val:
-            ve = [offset + int(r["epoch"]) for r in val]
-            ax[1].plot(ve, [float(r["val_maxF"]) for r in val], "o-", label=f"{run.name}: val max F")
-            ax[1].plot(ve, [float(r["val_mae"]) for r in val], "s--", label=f"{run.name}: val MAE")
+        # images seen when the log has them (runs with mid-epoch validation), else epochs
+        by_images = bool(rows) and bool(rows[0].get("images"))
+        x = [float(r["images"]) if by_images else offset + float(r["epoch"]) for r in rows]
+        ax[0].plot(x, [float(r["loss"]) for r in rows], "o-", label=f"{run.name}: train loss")
+        sources = [k[: -len("_mae")] for k in (rows[0] if rows else {}) if k.endswith("_mae")]
+        for source in sources:  # val (the first --val source), then NAME_mae / NAME_maxF of the others
+            val = [(xi, r) for xi, r in zip(x, rows) if r.get(f"{source}_mae")]
+            if val:
+                name = f"{run.name} {'val (first source)' if source == 'val' else source}"
+                vx = [xi for xi, _ in val]
+                ax[1].plot(vx, [float(r[f"{source}_maxF"]) for _, r in val], "o-", label=f"{name}: max F")
+                ax[1].plot(vx, [float(r[f"{source}_mae"]) for _, r in val], "s--", label=f"{name}: MAE")
     ax[0].set_ylabel("loss (edge preservation loss + CA regulariser)")
     for a in ax:
-        a.set_xlabel("epoch")
+        a.set_xlabel("images seen" if by_images else "epoch")
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
     fig.suptitle("training curve: " + " -> ".join(pathlib.Path(r).name for r in args.runs))
