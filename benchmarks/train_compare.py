@@ -20,9 +20,9 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from pfanet.recipes import RECIPES, Recipe  # noqa: E402
-from pfanet.train import Trainer, TrainOptions, evenly_spaced, validate  # noqa: E402
-from pfanet.data import read_pairs  # noqa: E402
+from pfanet.data import read_pairs
+from pfanet.recipes import RECIPES
+from pfanet.train import Trainer, TrainOptions, evenly_spaced, validate
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 FIELD_TYPES = {f: type(v) for f, v in RECIPES["cpu-duts"].to_dict().items()}

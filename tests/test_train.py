@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -78,8 +79,8 @@ def test_cosine_is_per_step_with_a_linear_warm_up():
     assert r.lr(0, 0, steps) == pytest.approx(1e-4 * (1 + math.cos(0)) / 2)
     assert r.lr(0, 9, steps) == pytest.approx(1e-3 * (1 + math.cos(math.pi * 0.09 / 4)) / 2)
     rates = [r.lr(e, k, steps) for e in range(4) for k in range(steps)]
-    assert all(b > a for a, b in zip(rates[:9], rates[1:10]))  # rising during warm-up
-    assert all(b < a for a, b in zip(rates[10:], rates[11:]))  # then falling every step, not once an epoch
+    assert all(b > a for a, b in itertools.pairwise(rates[:10]))  # rising during warm-up
+    assert all(b < a for a, b in itertools.pairwise(rates[10:]))  # then falling every step, not once an epoch
     assert r.lr(2, 0, steps) == pytest.approx(1e-3 * 0.5)  # half-way: half the rate
     # the official step decay stays per epoch
     assert RECIPES["official"].lr(6, 0, 100) == RECIPES["official"].lr(6, 99, 100) == pytest.approx(5e-3)
@@ -124,7 +125,7 @@ def test_named_recipes_hold_the_papers_and_the_official_values():
     assert paper.stage(0).alpha == 1.0 and paper.stage(paper.stages[0].until).alpha == 0.7
     assert (official.batch_size, official.epochs, official.momentum, official.weight_decay) == (15, 50, 0.9, 0.0)
     assert official.dropout and [s.alpha for s in official.stages] == [0.7]
-    assert set(RECIPES) >= {"paper", "official", "cpu-ecssd"}
+    assert set(RECIPES) >= {"paper", "official", "cpu-duts", "cpu-ecssd"}
 
 
 def test_overrides():
@@ -148,7 +149,7 @@ def test_overrides():
 
 
 def test_recipe_for_a_new_run_and_for_resuming(tmp_path):
-    assert recipe_for_run(None, {}, tmp_path, resume=False) == RECIPES["cpu-ecssd"]
+    assert recipe_for_run(None, {}, tmp_path, resume=False) == RECIPES["cpu-duts"]
     assert recipe_for_run("paper", {"lr": 1e-3}, tmp_path, resume=False).stages[1].lr == pytest.approx(1e-4)
     # recipe.json as the first cpu-ecssd runs wrote it: a resumed run reads it back unchanged.
     (tmp_path / "recipe.json").write_text(RECIPES["cpu-ecssd"].to_json())
@@ -163,7 +164,7 @@ def test_cli_lists_recipes_and_reports_bad_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     usage = capsys.readouterr().out
-    assert all(name in usage for name in ("paper:", "official:", "cpu-ecssd:"))
+    assert all(name in usage for name in ("paper:", "official:", "cpu-duts:", "cpu-ecssd:"))
     data = write_list(tmp_path / "d.txt", [])
     assert main(["train", "--data", str(data), "-o", str(tmp_path / "r"), "--size", "100"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
@@ -197,7 +198,7 @@ def test_size_schedule_mid_epoch_validation_on_two_sources_and_resume(tmp_path, 
     recipe = RECIPES["cpu-duts"].override(stages="2:1.0:1e-4", size=64, size_schedule="1:32", batch_size=2,
                                           warmup_steps=2)
     out = tmp_path / "run"
-    opts = dict(val=[str(first), str(second)], val_steps=2, val_limit=2, save_every=1)
+    opts = {"val": [str(first), str(second)], "val_steps": 2, "val_limit": 2, "save_every": 1}
     trainer = Trainer(recipe, options(data, out, max_steps=3, **opts))
     assert [len(p) for p in trainer.val_sets.values()] == [2, 2]
     trainer.run()
@@ -206,7 +207,7 @@ def test_size_schedule_mid_epoch_validation_on_two_sources_and_resume(tmp_path, 
     # steps 2 (mid-epoch 1), 4 (epoch 1's end), 6 (mid-epoch 2), 8 (epoch 2's end)
     assert [(r["epoch"], int(r["step"]), int(r["images"]), int(r["size"])) for r in rows] == [
         ("0.5", 2, 4, 32), ("1", 4, 8, 32), ("1.5", 6, 12, 64), ("2", 8, 16, 64)]
-    second_cols = [k for k in rows[0] if k.endswith("-second_mae") or k.endswith("-second_maxF")]  # folder-second
+    second_cols = [k for k in rows[0] if k.endswith(("-second_mae", "-second_maxF"))]  # FOLDER-second_...
     assert len(second_cols) == 2 and all(r["val_maxF"] and all(r[k] for k in second_cols) for r in rows)
     _, meta = read_checkpoint(out / "best.safetensors")
     assert meta["training"]["val_scores"]["maxF"] == max(float(r["val_maxF"]) for r in rows)
@@ -258,7 +259,9 @@ def test_run_folder_logs_validation_and_best(full_run):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     # cpu-ecssd's stages (alpha 1.0 until 3 of 12 epochs, then 0.7) stretched to 2 epochs; cosine lr per step:
     # each row has the rate of its epoch's last step (of 2).
-    cos = lambda t: 1e-2 * (1 + math.cos(math.pi * t / 2)) / 2  # noqa: E731
+    def cos(t):
+        return 1e-2 * (1 + math.cos(math.pi * t / 2)) / 2
+
     assert [(float(r["alpha"]), float(r["lr"])) for r in rows] == [(1.0, pytest.approx(cos(0.5))),
                                                                    (0.7, pytest.approx(cos(1.5)))]
     assert [int(r["step"]) for r in rows] == [2, 4] and [int(r["images"]) for r in rows] == [4, 8]
@@ -399,7 +402,7 @@ def wait_for_step(folder: pathlib.Path, after: int, proc: subprocess.Popen, time
 def test_sigint_and_sigterm_write_a_checkpoint_and_exit_cleanly(tmp_path, ecssd_pairs):
     data = write_list(tmp_path / "train.txt", ecssd_pairs(4))
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "pfanet.cli", "train", "--data", str(data), "-o", str(out), "--size", "32",
+    command = [sys.executable, "-m", "pfanet.cli", "train", "--recipe", "cpu-ecssd", "--data", str(data), "-o", str(out), "--size", "32",
                "--batch-size", "2", "--epochs", "50", "--save-steps", "1", "--workers", "2", "--no-progress"]
 
     def start(extra, log):
@@ -435,7 +438,7 @@ def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path, ecs
     Trainer(recipe, options(data, tmp_path / "reference")).run()
 
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "pfanet.cli", "train", "--data", str(data), "-o", str(out), "--size", "32",
+    command = [sys.executable, "-m", "pfanet.cli", "train", "--recipe", "cpu-ecssd", "--data", str(data), "-o", str(out), "--size", "32",
                "--batch-size", "2", "--epochs", "2", "--save-steps", "2", "--workers", "0", "--no-progress"]
     proc = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     wait_for_step(out, 2, proc)  # mid-epoch 1, at least one step-checkpoint written
