@@ -39,7 +39,7 @@ def add_train(sub) -> None:
                    help="training data: list files ('image mask' per line) or benchmark folders")
     p.add_argument("--val", nargs="*", default=[], metavar="LIST_OR_DIR", help="validation data (MAE, max F)")
     p.add_argument("-o", "--out", required=True, help="run folder (checkpoints, logs)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="named recipe (default cpu-ecssd)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="named recipe (default cpu-duts, the default model's)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its state.pt, with its recipe.json and seed")
     g = p.add_argument_group("recipe overrides")

@@ -569,13 +569,13 @@ def train(recipe: Recipe, opts: TrainOptions) -> pathlib.Path:
 
 
 def recipe_for_run(name: str | None, overrides: dict, out: str | os.PathLike, resume: bool) -> Recipe:
-    """The recipe a `pfanet train` invocation means: the named recipe (default cpu-ecssd) with the overrides applied,
+    """The recipe a `pfanet train` invocation means: the named recipe (default cpu-duts) with the overrides applied,
     or, when resuming, the run's own recipe.json, which must come out unchanged by the overrides (so that the run
     continues exactly as it was started)."""
     from .recipes import RECIPES
 
     if not resume:
-        return RECIPES[name or "cpu-ecssd"].override(**overrides)
+        return RECIPES[name or "cpu-duts"].override(**overrides)
     path = pathlib.Path(out) / "recipe.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: nothing to resume (no recipe.json in {out})")
