@@ -112,25 +112,33 @@ def test_torchrun_two_cpu_processes(tmp_path, ecssd_pairs, ecssd_val_pairs):
 
 
 SLOW_VALIDATION = textwrap.dedent("""
-    import sys, time
+    import os, pathlib, sys, time
     import pfanet.train as train
     from pfanet.recipes import RECIPES
 
+    said = pathlib.Path(sys.argv[5])
+
     def slow_validate(*args, **kwargs):  # rank 0 validates; the other rank waits in the next collective
+        (said / "validating").touch()
         time.sleep(600)
 
     train.validate = slow_validate
     recipe = RECIPES["cpu-ecssd"].override(size=32, batch_size=2, epochs=1, dropout=False)
     options = train.TrainOptions(train=[sys.argv[1]], out=sys.argv[2], val=[sys.argv[3]], workers=0, progress=False,
                                  collective_timeout=float(sys.argv[4]))
-    train.Trainer(recipe, options).run()
+    trainer = train.Trainer(recipe, options)
+    try:
+        trainer.run()
+    except Exception as e:
+        (said / f"rank{trainer.rank}_error.txt").write_text(f"{type(e).__name__}: {e}")
+        raise
 """)
 
 
 def test_the_waiting_rank_gives_up_after_the_collective_timeout(tmp_path, ecssd_pairs, ecssd_val_pairs):
     """Rank 0 validates (here for 10 minutes) while rank 1 waits in a collective: the wait is bounded by
     TrainOptions.collective_timeout (--collective-timeout, default 2 h), not by the process group's default. With 20 s
-    the run ends in an error from the waiting rank long before the validation would."""
+    the waiting rank fails with a timeout long before the validation would end."""
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
     if not torchrun.is_file():
         pytest.skip(f"no torchrun beside {sys.executable}")
@@ -141,7 +149,9 @@ def test_the_waiting_rank_gives_up_after_the_collective_timeout(tmp_path, ecssd_
     (tmp_path / "worker.py").write_text(SLOW_VALIDATION)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "worker.py"),
-                           str(data), str(tmp_path / "run"), str(val), "20"],
+                           str(data), str(tmp_path / "run"), str(val), "20", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode != 0
-    assert "Timed out" in proc.stderr or "timed out" in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "validating").is_file(), proc.stderr[-3000:]  # rank 0 got as far as validating
+    error = (tmp_path / "rank1_error.txt").read_text()
+    assert "Timed out" in error and "20000ms" in error, error
