@@ -405,6 +405,9 @@ class OnnxNetwork(nn.Module):
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
+        # Threads sleep between operators instead of spinning: the spinning took the cores from the rest of the
+        # process (decoding, PNG writing) and from other processes (24 photos: 16.3 s -> 14.7 s, docs/PERFORMANCE.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if optimized is not None and os.path.isfile(optimized):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once already
             try:

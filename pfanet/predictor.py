@@ -230,9 +230,14 @@ class Predictor:
         rgbs = list(rgbs)
         if not rgbs:
             return []
-        x = torch.stack([preprocess(im, self.spec) for im in rgbs])
+        # On the onnxruntime paths PyTorch only pre- and post-processes, on one thread: its OpenMP workers otherwise
+        # take the cores from onnxruntime's (24 photos: 20.3 s -> 16.3 s, docs/PERFORMANCE.md).
+        one_thread = functools.partial(_torch_threads, 1) if self.backend != "torch" else contextlib.nullcontext
+        with one_thread():
+            x = torch.stack([preprocess(im, self.spec) for im in rgbs])
         logits = self.logits(x)
-        return [postprocess(z, *im.shape[:2]) for z, im in zip(logits, rgbs)]
+        with one_thread():
+            return [postprocess(z, *im.shape[:2]) for z, im in zip(logits, rgbs)]
 
     def outputs(self, image: ImageInput, kinds: Sequence[str] = ("map",), threshold: float | None = None
                 ) -> dict[str, np.ndarray]:
@@ -244,6 +249,19 @@ class Predictor:
 
         rgb = as_rgb(image)
         return render(rgb, self.predict_rgb([rgb])[0], kinds, threshold)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """PyTorch's intra-op threads set to n inside the block."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
 
 
 def onnx_cache_dir() -> pathlib.Path:

@@ -228,6 +228,20 @@ def test_onnxruntime_keeps_its_optimised_graph_for_the_next_start(weights, tmp_p
     torch.testing.assert_close(damaged.logits(x), want, rtol=0, atol=1e-5)
 
 
+def test_onnxruntime_paths_pre_and_post_process_on_one_torch_thread(weights, monkeypatch):
+    import pfanet.predictor as predictor_module
+
+    seen = []
+    real = predictor_module.preprocess
+    monkeypatch.setattr(predictor_module, "preprocess", lambda im, spec: seen.append(torch.get_num_threads()) or
+                        real(im, spec))
+    torch.set_num_threads(2)
+    image = np.zeros((40, 50, 3), np.uint8)
+    Predictor(weights, device="cpu", backend="onnxruntime").predict(image)
+    Predictor(weights, device="cpu", backend="torch").predict(image)
+    assert seen == [1, 2] and torch.get_num_threads() == 2  # restored after
+
+
 def test_health_reports_the_backend_and_why(weights, monkeypatch):
     import httpx
 
