@@ -13,7 +13,15 @@ sigmoid x 255 to uint8, resize back, crop), each map written with cv2.imwrite. p
 cache warmed first (the cold first run is reported apart).
 
 The photos are the first --count images of ECSSD val.txt (never test). The processes are interleaved (one of each in
-turn, repeated) and the medians compared, so that drift in the machine's load reaches them alike.
+turn, repeated) and the medians compared, so that drift in the machine's load reaches them alike. Each process's CPU
+time (user + system, of it and its children) is recorded beside its wall time.
+
+--startup-baseline DIR adds the start-up of another checkout of pfanet (e.g. `git worktree add DIR COMMIT`), run from
+DIR with this interpreter, to compare start-up before and after a change:
+
+    git worktree add --detach /tmp/pfanet-before 297af1d
+    python benchmarks/whole_process.py --startup-baseline /tmp/pfanet-before \
+        --json benchmarks/results/whole_process.json
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import shutil
 import statistics
 import subprocess
@@ -90,9 +99,9 @@ def keras_child(photos: pathlib.Path, out: pathlib.Path, size: int) -> None:
 
 def run(cmd: list[str], env: dict | None = None) -> dict:
     """Wall time of one process and its stage timestamps, relative to the launch."""
-    t0 = time.time()
+    t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.time() - t0
+    wall, cpu1 = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     stages = {}
@@ -100,14 +109,18 @@ def run(cmd: list[str], env: dict | None = None) -> dict:
         if line.startswith("STAGES "):
             stages = {k: round(v - t0, 3) for k, v in json.loads(line[7:]).items()}
     backend = next((line for line in proc.stderr.splitlines() if "backend " in line), "")
-    return {"wall_s": round(wall, 3), "stages_s": stages, "backend_line": backend.strip()}
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "stages_s": stages, "backend_line": backend.strip()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=24, help="photos (default 24: the first of ECSSD val.txt)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each process, interleaved (default 3)")
-    ap.add_argument("--backends", default="auto,torch", help="pfanet --backend values to run (default auto,torch)")
+    ap.add_argument("--backends", default="auto", help="pfanet --backend values run on all photos (default auto)")
+    ap.add_argument("--startup-backends", default="auto,torch",
+                    help="pfanet --backend values whose start-up is measured on one photo (default auto,torch)")
+    ap.add_argument("--startup-baseline", metavar="DIR", help="also the start-up of the pfanet checkout in DIR")
     ap.add_argument("--weights", help="PFANet weights (default: the shipped model)")
     ap.add_argument("--keras-python", default=str(REPO / ".venv-tf" / "bin" / "python"),
                     help="an interpreter with tensorflow, tf_keras and opencv (default .venv-tf/bin/python)")
@@ -141,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, PFANET_CACHE=str(tmp / "cache"))  # a cold cache: the first run exports
         extra = ["--weights", str(weights)] if args.weights else []
 
-        def pfanet(backend: str, inputs: pathlib.Path, startup: bool = False) -> dict:
+        def pfanet(backend: str, inputs: pathlib.Path, startup: bool = False, tree: str | None = None) -> dict:
             cli = ["predict", str(inputs), "-o", str(tmp / f"out-{backend}"), "--overwrite", "--no-progress",
                    "--backend", backend, *extra]
             cmd = [sys.executable, "-c", STARTUP_CHILD, *cli] if startup else [pfanet_script, *cli]
+            if tree:  # another checkout, with its own cache
+                return run(cmd, dict(env, PYTHONPATH=tree, PFANET_CACHE=str(tmp / "cache-baseline")))
             return run(cmd, env)
 
         def keras() -> dict:
@@ -154,14 +169,23 @@ def main(argv: list[str] | None = None) -> int:
         res["runs"]["pfanet auto, first run (cold cache: exports and checks the graph)"] = [cold]
         jobs = {f"pfanet --backend {b}": (lambda b=b: pfanet(b, photos)) for b in backends}
         jobs["keras official"] = keras
+        startup = [b for b in args.startup_backends.split(",") if b]
         jobs.update({f"pfanet --backend {b}, one photo (start-up)": (lambda b=b: pfanet(b, one, startup=True))
-                     for b in backends})
+                     for b in startup})
+        if args.startup_baseline:
+            res["startup_baseline"] = args.startup_baseline
+            pfanet("auto", one, startup=True, tree=args.startup_baseline)  # warms its cache
+            jobs["baseline pfanet --backend auto, one photo (start-up)"] = (
+                lambda: pfanet("auto", one, startup=True, tree=args.startup_baseline))
         for rep in range(args.repeats):
             for name, job in jobs.items():
                 print(f"[{rep + 1}/{args.repeats}] {name}", file=sys.stderr, flush=True)
                 res["runs"].setdefault(name, []).append(job())
     res["load_average_end"] = os.getloadavg()
     res["median_wall_s"] = {name: statistics.median(r["wall_s"] for r in runs) for name, runs in res["runs"].items()}
+    res["median_cpu_s"] = {name: statistics.median(r["cpu_s"] for r in runs) for name, runs in res["runs"].items()}
+    res["median_first_forward_s"] = {name: statistics.median(r["stages_s"]["first_forward"] for r in runs)
+                                     for name, runs in res["runs"].items() if "one photo" in name}
     keras_s = res["median_wall_s"]["keras official"]
     res["speedup_vs_keras"] = {name: round(keras_s / s, 3) for name, s in res["median_wall_s"].items()
                                if name.startswith("pfanet") and "one photo" not in name and "first" not in name}
@@ -189,7 +213,10 @@ def report(res: dict) -> str:
              f"{res['count']} ECSSD val photos, network input {res['size']}x{res['size']}, medians of the runs:"]
     for name, s in res["median_wall_s"].items():
         ratio = res["speedup_vs_keras"].get(name)
-        lines.append(f"  {name:62s} {s:7.2f} s" + (f"   {ratio:.2f}x Keras" if ratio else ""))
+        lines.append(f"  {name:62s} {s:7.2f} s (CPU {res['median_cpu_s'][name]:6.2f} s)"
+                     + (f"   {ratio:.2f}x Keras" if ratio else ""))
+    lines.append("first forward pass of one photo, median seconds from launch: " + ", ".join(
+        f"{name.split(', one photo')[0]} {s:.2f}" for name, s in res["median_first_forward_s"].items()))
     lines.append("start-up of one photo (seconds from launch; median run):")
     for name, runs in res["runs"].items():
         if "one photo" in name or "first" in name or name == "keras official":
