@@ -97,10 +97,10 @@ def keras_child(photos: pathlib.Path, out: pathlib.Path, size: int) -> None:
     print("STAGES " + json.dumps(t), file=sys.stderr)
 
 
-def run(cmd: list[str], env: dict | None = None) -> dict:
+def run(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
     """Wall time of one process and its stage timestamps, relative to the launch."""
     t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     wall, cpu1 = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup-backends", default="auto,torch",
                     help="pfanet --backend values whose start-up is measured on one photo (default auto,torch)")
     ap.add_argument("--startup-baseline", metavar="DIR", help="also the start-up of the pfanet checkout in DIR")
+    ap.add_argument("--startup-only", action="store_true", help="only the one-photo start-ups (no Keras)")
     ap.add_argument("--weights", help="PFANet weights (default: the shipped model)")
     ap.add_argument("--keras-python", default=str(REPO / ".venv-tf" / "bin" / "python"),
                     help="an interpreter with tensorflow, tf_keras and opencv (default .venv-tf/bin/python)")
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             cli = ["predict", str(inputs), "-o", str(tmp / f"out-{backend}"), "--overwrite", "--no-progress",
                    "--backend", backend, *extra]
             cmd = [sys.executable, "-c", STARTUP_CHILD, *cli] if startup else [pfanet_script, *cli]
-            if tree:  # another checkout, with its own cache
-                return run(cmd, dict(env, PYTHONPATH=tree, PFANET_CACHE=str(tmp / "cache-baseline")))
+            if tree:  # another checkout (imported from there: the current folder comes first), with its own cache
+                return run(cmd, dict(env, PYTHONPATH=tree, PFANET_CACHE=str(tmp / "cache-baseline")), cwd=tree)
             return run(cmd, env)
 
         def keras() -> dict:
@@ -167,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 
         cold = pfanet("auto", one, startup=True)
         res["runs"]["pfanet auto, first run (cold cache: exports and checks the graph)"] = [cold]
-        jobs = {f"pfanet --backend {b}": (lambda b=b: pfanet(b, photos)) for b in backends}
-        jobs["keras official"] = keras
+        jobs = {}
+        if not args.startup_only:
+            jobs = {f"pfanet --backend {b}": (lambda b=b: pfanet(b, photos)) for b in backends}
+            jobs["keras official"] = keras
         startup = [b for b in args.startup_backends.split(",") if b]
         jobs.update({f"pfanet --backend {b}, one photo (start-up)": (lambda b=b: pfanet(b, one, startup=True))
                      for b in startup})
@@ -186,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     res["median_cpu_s"] = {name: statistics.median(r["cpu_s"] for r in runs) for name, runs in res["runs"].items()}
     res["median_first_forward_s"] = {name: statistics.median(r["stages_s"]["first_forward"] for r in runs)
                                      for name, runs in res["runs"].items() if "one photo" in name}
-    keras_s = res["median_wall_s"]["keras official"]
+    keras_s = res["median_wall_s"].get("keras official")
     res["speedup_vs_keras"] = {name: round(keras_s / s, 3) for name, s in res["median_wall_s"].items()
-                               if name.startswith("pfanet") and "one photo" not in name and "first" not in name}
+                               if keras_s and name.startswith("pfanet") and "one photo" not in name
+                               and "first" not in name}
     print(report(res), end="")
     if args.json:
         out = pathlib.Path(args.json)
