@@ -62,6 +62,8 @@ def add_train(sub) -> None:
     g.add_argument("--size-schedule", metavar="UNTIL:SIZE,...",
                    help="input sizes before the final --size, e.g. 14:128,17:192 (epochs 1-14 at 128, 15-17 at 192)")
     g.add_argument("--momentum", type=float)
+    g.add_argument("--bn-momentum", type=float,
+                   help="BatchNorm running-statistics rate under --norm batch (default 0.01, Keras' 0.99)")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--norm", choices=["per-image", "batch"])
@@ -118,7 +120,8 @@ def run_train(args) -> int:
 
     fields = ("epochs", "lr", "alpha", "stages", "batch_size", "size", "lr_decay", "momentum", "weight_decay",
               "dropout", "norm", "edge_mode", "backbone", "freeze_blocks", "augment", "saturation", "ca_regulariser",
-              "init", "warmup_steps", "optimizer", "decay_norm_bias", "targets", "target_resize", "size_schedule")
+              "init", "warmup_steps", "optimizer", "decay_norm_bias", "targets", "target_resize", "size_schedule",
+              "bn_momentum")
     overrides = {k: getattr(args, k) for k in fields}
     opts = TrainOptions(
         train=args.data, out=args.out, val=args.val, val_every=args.val_every, val_steps=args.val_steps,

@@ -178,6 +178,9 @@ class Trainer:
             spec = load_backbone(self.model, recipe.backbone)
         self.spec = dataclasses.replace(spec, size=recipe.size_at(0))
         freeze_blocks(self.model, recipe.freeze_blocks)
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = recipe.bn_momentum
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)

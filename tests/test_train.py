@@ -201,6 +201,8 @@ def test_size_schedule_mid_epoch_validation_on_two_sources_and_resume(tmp_path, 
     opts = {"val": [str(first), str(second)], "val_steps": 2, "val_limit": 2, "save_every": 1}
     trainer = Trainer(recipe, options(data, out, max_steps=3, **opts))
     assert [len(p) for p in trainer.val_sets.values()] == [2, 2]
+    norms = [m for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == recipe.bn_momentum == 0.1 for m in norms)
     trainer.run()
     Trainer(recipe, options(data, out, resume=True, **opts)).run()
     rows = read_log(out)
