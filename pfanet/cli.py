@@ -107,10 +107,11 @@ def add_train(sub) -> None:
 def add_backend(p, default: str = "auto") -> None:
     from .predictor import BACKENDS
 
-    what = {"auto": "the fastest faithful path: onnxruntime fp32 on the CPU, PyTorch channels_last + bf16 on a GPU",
-            "torch": "plain PyTorch fp32, the reference"}
     p.add_argument("--backend", choices=BACKENDS, default=default,
-                   help=f"auto: {what['auto']}; torch: {what['torch']}; onnxruntime: always (default {default})")
+                   help="auto: the fastest faithful path: on a CPU with AVX512_VNNI, AVX_VNNI or AMX the INT8 graph of "
+                        "these weights when one exists, else onnxruntime fp32; PyTorch channels_last + bf16 on a GPU; "
+                        "torch: plain PyTorch fp32, the reference; onnxruntime: ONNX Runtime fp32; int8: the INT8 "
+                        f"graph of these weights (`pfanet export --int8` makes one) (default {default})")
 
 
 def run_train(args) -> int:
