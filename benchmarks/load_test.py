@@ -51,7 +51,7 @@ from PIL import Image
 from tqdm import tqdm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHIPPED_WEIGHTS = REPO / "pfanet" / "weights" / "pfanet_ecssd.safetensors"
+SHIPPED_WEIGHTS = REPO / "pfanet" / "weights" / "pfanet_duts.safetensors"
 ECSSD = REPO.parent / "shared" / "data" / "ecssd"
 # The name a path-traversal upload aims at (the example); the run also aims at a name unique to itself.
 PWNED = "/tmp/pwned.png"

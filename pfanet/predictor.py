@@ -25,7 +25,7 @@ from .io import load_image, to_rgb
 from .model import PFANet
 from .transforms import InputSpec, postprocess, preprocess
 
-DEFAULT_WEIGHTS = pathlib.Path(__file__).parent / "weights" / "pfanet_ecssd.safetensors"
+DEFAULT_WEIGHTS = pathlib.Path(__file__).parent / "weights" / "pfanet_duts.safetensors"
 # "auto" picks the fastest faithful path measured (docs/PERFORMANCE.md): on the CPU, the INT8 graph made from the
 # weights where the CPU has VNNI or AMX (`hardware.int8_instructions`), else ONNX Runtime fp32; on a GPU, PyTorch with
 # channels_last + bf16 autocast. "torch" is plain PyTorch fp32 (the reference every path is checked against); "int8"

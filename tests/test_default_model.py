@@ -1,13 +1,33 @@
-"""Guard for the shipped default model: on ECSSD val images it must be far better than a trivial centred Gaussian
-prior, so a broken or missing default model fails CI."""
+"""Guard for the shipped default model: on DUTS-TR val pairs it must score at least half-way from the model it
+replaced to itself, so a broken, missing or older default model fails CI; and it must beat a centred Gaussian
+prior on ECSSD val.
+
+PFANET_GUARD_WEIGHTS=FILE runs the guard on another file instead (e.g. the model it replaced, which must fail).
+"""
 
 from __future__ import annotations
+
+import os
+import pathlib
 
 import numpy as np
 import pytest
 
 from pfanet.io import load_image, load_mask
 from pfanet.predictor import DEFAULT_WEIGHTS, Predictor
+
+DUTS_VAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "duts-tr" / "val.txt"
+GUARD_PAIRS = 24  # evenly spaced over DUTS-TR val.txt
+# On those 24 pairs, each at its own size (`python tools/guard_figures.py FILE...` prints them): the shipped model
+# and the one it replaced; the thresholds are half-way between the two.
+SHIPPED = {"mae": 0.1371, "maxF": 0.8121}  # pfanet_duts.safetensors (cpu-duts, 6,400 images)
+REPLACED = {"mae": 0.1899, "maxF": 0.7597}  # pfanet_ecssd.safetensors of commit c029a8f (ECSSD train, cpu-ecssd-ft)
+MAX_MAE = (SHIPPED["mae"] + REPLACED["mae"]) / 2
+MIN_MAXF = (SHIPPED["maxF"] + REPLACED["maxF"]) / 2
+
+
+def guard_weights() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("PFANET_GUARD_WEIGHTS", DEFAULT_WEIGHTS))
 
 
 def gaussian_prior(h: int, w: int) -> np.ndarray:
@@ -27,15 +47,31 @@ def scores(maps, masks):
     return mae.get_results()["mae"], float(np.max(fm.get_results()["fm"]["dynamic"]))
 
 
+def guard_pairs():
+    from pfanet.data import read_pairs
+    from pfanet.train import evenly_spaced
+
+    if not DUTS_VAL.is_file():
+        pytest.skip(f"DUTS-TR not found at {DUTS_VAL}")
+    return evenly_spaced(read_pairs(DUTS_VAL), GUARD_PAIRS)
+
+
 def test_default_weights_are_shipped():
     assert DEFAULT_WEIGHTS.is_file(), f"the default model {DEFAULT_WEIGHTS} is missing"
 
 
+def test_default_model_has_replaced_the_old_one():
+    from pfanet.evaluate import score_pairs
+
+    found = score_pairs(Predictor(guard_weights(), device="cpu", batch_size=4, backend="torch"), guard_pairs())
+    mae, max_f = found["mae"], found["maxF"]
+    print(f"{guard_weights().name}: MAE {mae:.4f} max F {max_f:.4f} (thresholds {MAX_MAE:.4f} / {MIN_MAXF:.4f})")
+    assert mae < MAX_MAE and max_f > MIN_MAXF
+
+
 def test_default_model_beats_center_prior(ecssd_val_pairs):
-    if not DEFAULT_WEIGHTS.is_file():
-        pytest.fail(f"the default model {DEFAULT_WEIGHTS} is missing")
     pairs = ecssd_val_pairs(12)
-    predictor = Predictor(device="cpu", batch_size=4)
+    predictor = Predictor(guard_weights(), device="cpu", batch_size=4, backend="torch")
     maps = predictor.predict_batch([p for p, _ in pairs])
     masks = [load_mask(m) for _, m in pairs]
     prior = [gaussian_prior(*g.shape) for g in masks]

@@ -257,7 +257,7 @@ SHIPPED_INT8 = int8_path(DEFAULT_WEIGHTS)
 
 
 @pytest.mark.skipif(not SHIPPED_INT8.is_file(), reason=f"no {SHIPPED_INT8}: shipping a model writes it (for the file "
-                    "there: python tools/ship_model.py --int8-only pfanet/weights/pfanet_ecssd.safetensors)")
+                    "there: python tools/ship_model.py --int8-only pfanet/weights/pfanet_duts.safetensors)")
 def test_shipped_int8_graph_is_made_from_the_shipped_weights_and_follows_their_maps(ecssd_val_pairs):
     pairs = ecssd_val_pairs(6)
     images = [load_image(img) for img, _ in pairs]

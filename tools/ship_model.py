@@ -1,7 +1,7 @@
 """Write a run's chosen checkpoint as the shipped default model: fp16 safetensors with how it was trained.
 
-    python tools/ship_model.py /work/runs/cpu-ecssd-ft/best.safetensors --run /work/runs/cpu-ecssd-ft \
-        --status "..." -o pfanet/weights/pfanet_ecssd.safetensors
+    python tools/ship_model.py /work/runs/cpu-duts/best.safetensors --run /work/runs/cpu-duts \
+        --status "..." -o pfanet/weights/pfanet_duts.safetensors
 
 The metadata keeps the checkpoint's own training record (recipe, epoch, seed, data lists) and adds: the run's
 validation log (every epoch's val MAE / max F from log.csv), the record of the checkpoint it was fine-tuned from
@@ -14,7 +14,7 @@ statically quantised (`pfanet.export.quantize_onnx`), calibrated on the first --
 left beside other weights is never used. --no-int8 skips it; for a file already shipped, --int8-only writes just
 its graph:
 
-    python tools/ship_model.py --int8-only pfanet/weights/pfanet_ecssd.safetensors
+    python tools/ship_model.py --int8-only pfanet/weights/pfanet_duts.safetensors
 """
 
 from __future__ import annotations
@@ -44,8 +44,14 @@ def val_log(run: pathlib.Path) -> list[dict]:
 
 def write_int8(weights: pathlib.Path, calibration: pathlib.Path, count: int) -> pathlib.Path:
     """The INT8 graph of `weights`, beside them; its fp32 source is checked against PyTorch first."""
-    from pfanet.export import (PARITY_TOLERANCE, calibration_images, check_parity, export_onnx, plan_export,
-                               quantize_onnx)
+    from pfanet.export import (
+        PARITY_TOLERANCE,
+        calibration_images,
+        check_parity,
+        export_onnx,
+        plan_export,
+        quantize_onnx,
+    )
     from pfanet.predictor import Predictor, int8_path
 
     if "test" in calibration.name:
@@ -95,6 +101,7 @@ def main(argv=None) -> int:
     training["selected_on"] = args.selected_on
     training["status"] = args.status
     save_checkpoint(args.out, model, spec, training, dtype=torch.float16)
+    pathlib.Path(args.out).chmod(0o644)  # a package file, readable by all (the atomic write made it 0600)
     print(f"wrote {args.out}: epoch {training.get('epoch')} of {training.get('recipe', {}).get('name')}, val "
           f"{training.get('val_scores')}", file=sys.stderr)
     if not args.no_int8:
