@@ -32,18 +32,12 @@ import tarfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pfanet.predictor import file_sha256  # the SHA-256 that ties graphs to weights
+
 PACK = ".gpu"  # relative to the repository root, ignored by git
 REMOTE_DATA = "/tmp/pfanet-gpu"
 PIECE_BYTES = 15_000_000  # under the 16 MB a returned file may have
 TREE_LIMIT = 64 * 2**20
-
-
-def sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def encode_pair(img_path: pathlib.Path, mask_path: pathlib.Path, side: int, quality: int) -> tuple[bytes, bytes]:
@@ -106,7 +100,7 @@ def pack(args) -> int:
             info = tarfile.TarInfo(f"{name}.txt")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    whole = sha256(stream)
+    whole = file_sha256(stream)
     part_bytes, parts = int(args.part_mib * 2**20), []
     with open(stream, "rb") as f:
         for block in iter(lambda: f.read(part_bytes), b""):
@@ -115,7 +109,7 @@ def pack(args) -> int:
     stream.unlink()
     manifest = {"side": args.side, "quality": args.quality, "backbone": args.backbone,
                 "pairs": {name: len(rows) for name, rows in lists.items()}, "sha256": whole,
-                "parts": {p.name: sha256(p) for p in parts}}
+                "parts": {p.name: file_sha256(p) for p in parts}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     total = sum(p.stat().st_size for p in parts)
     print(f"{out}: {len(lists['train'])} train + {len(lists['val'])} val pairs and the {args.backbone} backbone, "
@@ -136,7 +130,7 @@ def unpack(args) -> int:
         path = src / name
         if not path.is_file():
             break  # parts go in order: the rest come with a later call
-        if sha256(path) != digest:
+        if file_sha256(path) != digest:
             print(f"{path}: SHA-256 differs from the manifest (a broken transfer): send it again", file=sys.stderr)
             return 1
         with open(stream, "ab") as f, open(path, "rb") as part:
@@ -149,7 +143,7 @@ def unpack(args) -> int:
               file=sys.stderr)
         return 0
     if stream.is_file():
-        if sha256(stream) != manifest["sha256"]:
+        if file_sha256(stream) != manifest["sha256"]:
             print(f"{stream}: the joined parts do not match the manifest's SHA-256", file=sys.stderr)
             return 1
         with tarfile.open(stream) as tar:
