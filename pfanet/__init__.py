@@ -4,4 +4,4 @@ from .model import PFANet, PFANetConfig
 from .transforms import InputSpec
 
 __version__ = "0.1.0"
-__all__ = ["PFANet", "PFANetConfig", "InputSpec", "__version__"]
+__all__ = ["InputSpec", "PFANet", "PFANetConfig", "__version__"]

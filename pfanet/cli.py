@@ -42,6 +42,10 @@ def add_train(sub) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES), help="named recipe (default cpu-duts, the default model's)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its state.pt, with its recipe.json and seed")
+    p.add_argument("--reschedule", action="store_true",
+                   help="with --resume: take a new schedule (stages/epochs, size, size schedule, batch per process) "
+                        "-- the run's own with the overrides, or --recipe's as now defined -- from the run's current "
+                        "position on; nothing else may change")
     g = p.add_argument_group("recipe overrides")
     g.add_argument("--epochs", type=int, help="total epochs (the stages are stretched to fit)")
     g.add_argument("--lr", type=float, help="base learning rate (later stages scale with it)")
@@ -127,11 +131,11 @@ def run_train(args) -> int:
     opts = TrainOptions(
         train=args.data, out=args.out, val=args.val, val_every=args.val_every, val_steps=args.val_steps,
         val_limit=args.val_limit, save_every=args.save_every,
-        save_steps=args.save_steps, resume=args.resume, seed=args.seed, workers=args.workers, cache=args.cache,
+        save_steps=args.save_steps, resume=args.resume, reschedule=args.reschedule, seed=args.seed, workers=args.workers, cache=args.cache,
         max_steps=args.max_steps, max_minutes=args.max_minutes, device=args.device, compile=args.compile, channels_last=args.channels_last,
         bf16=args.bf16, limit=args.limit, progress=not args.no_progress, collective_timeout=args.collective_timeout)
     try:
-        recipe = recipe_for_run(args.recipe, overrides, args.out, args.resume)
+        recipe = recipe_for_run(args.recipe, overrides, args.out, args.resume, args.reschedule)
         print(f"recipe {recipe.name}:\n{recipe.to_json()}", file=sys.stderr)
         trainer = Trainer(recipe, opts)
         trainer.run()

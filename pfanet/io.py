@@ -95,7 +95,7 @@ def _upright(img: Image.Image) -> Image.Image:
     """EXIF orientation applied: photos and their masks alike, so a mask saved with its photo's tag stays on it."""
     try:
         return ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block should not lose an otherwise good image
+    except Exception:  # noqa: BLE001 -- a broken EXIF block (any error of PIL's parsers) should not lose a good image
         return img
 
 

@@ -51,7 +51,7 @@ class PFANetConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PFANetConfig":
+    def from_dict(cls, d: dict) -> PFANetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

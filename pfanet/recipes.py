@@ -226,14 +226,14 @@ RECIPES = {
                     "lr = 1e-2 * 0.5^floor((epoch+1)/6.25), alpha 0.7, dropout.",
     ),
     "cpu-duts": Recipe(
-        "cpu-duts", stages=(Stage(14, 1.0, 2e-4), Stage(19, 0.7, 2e-4)), batch_size=8, size=256,
-        size_schedule="14:128,17:192", lr_decay="cosine", warmup_steps=200, optimizer="adamw", weight_decay=1e-2,
+        "cpu-duts", stages=(Stage(3, 1.0, 2e-4), Stage(4, 0.7, 2e-4)), batch_size=8, size=160,
+        size_schedule="3:128", lr_decay="cosine", warmup_steps=200, optimizer="adamw", weight_decay=1e-2,
         norm="batch", bn_momentum=0.1, freeze_blocks=2, backbone="hed", targets="soft", target_resize="bilinear",
-        description="The default model: DUTS-TR on a CPU from the HED VGG16 (docs/TRAINING.md gives the reasons "
-                    "for each choice). AdamW 2e-4 with 200 warm-up steps and a per-step cosine over 19 epochs, "
-                    "standard BatchNorm (running statistics at momentum 0.1), blocks 1-2 frozen, epochs 1-14 at 128x128, 15-17 at 192, 18-19 at 256 (the "
-                    "size it ships at), alpha 1.0 then 0.7 for the high-resolution epochs, soft targets (mask/255) "
-                    "on the image's grid.",
+        description="The default model: DUTS-TR on a 2-core CPU from the HED VGG16 in about 12 hours "
+                    "(docs/TRAINING.md gives the reasons for each choice). AdamW 2e-4 with 200 warm-up steps and a "
+                    "per-step cosine over 4 epochs (42,200 images), standard BatchNorm (running statistics at "
+                    "momentum 0.1), blocks 1-2 frozen, epochs 1-3 at 128x128 with alpha 1.0, epoch 4 at 160 (the "
+                    "size it ships at) with alpha 0.7, soft targets (mask/255) on the image's grid.",
     ),
     "cpu-ecssd": Recipe(
         "cpu-ecssd", stages=(Stage(3, 1.0, 1e-2), Stage(12, 0.7, 1e-2)), batch_size=8, size=192,

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pathlib
+import shutil
 import signal
 import threading
 import time
@@ -69,6 +70,7 @@ class TrainOptions:
     save_every: int = 5
     save_steps: int = 0  # also write state.pt every N steps within an epoch (0: only at epoch ends)
     resume: bool = False
+    reschedule: bool = False  # on resume, the recipe may differ from the state's in SCHEDULE_FIELDS (recipe_for_run)
     seed: int | None = None  # None: 0 for a new run, the run's own when resuming
     workers: int = 2
     cache: bool = False
@@ -209,7 +211,8 @@ class Trainer:
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.epoch_loss, self.epoch_steps, self.epoch_images, self.epoch_seconds = 0.0, 0, 0, 0.0
-        self.best: float | None = None
+        self.best: float | None = None  # best val max F (best.safetensors)
+        self.best_mae: float | None = None  # best val MAE (best_mae.safetensors)
         self.bad_pairs: set[str] = set()
         if self.state is not None:
             self.load_state(self.state)
@@ -259,6 +262,7 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "torch_rng": rngs[0][0],
             "best": self.best if self.best is not None else float("nan"),
+            "best_mae": self.best_mae if self.best_mae is not None else float("nan"),
             "recipe": self.recipe.to_json(),
             # Added after the first runs; load_state reads them with defaults.
             "seed": self.seed, "world": self.world,
@@ -274,7 +278,8 @@ class Trainer:
     def load_state(self, state: dict) -> None:
         path = self.out / "state.pt"
         saved = Recipe.from_dict(json.loads(state["recipe"]))
-        changed = saved.differences(self.recipe)
+        changed = [d for d in saved.differences(self.recipe)
+                   if not (self.opts.reschedule and d.split(":")[0] in SCHEDULE_FIELDS)]
         if changed:
             raise ValueError(f"{path}: the run was started with another recipe ({'; '.join(changed)}); "
                              "resume with the same settings")
@@ -286,6 +291,8 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         self.best = None if math.isnan(state["best"]) else state["best"]
+        best_mae = state.get("best_mae", float("nan"))  # absent from states written before it existed
+        self.best_mae = None if math.isnan(best_mae) else best_mae
         self.epoch_loss = state.get("epoch_loss", 0.0)
         self.epoch_steps = state.get("epoch_steps", 0)
         self.epoch_images = state.get("epoch_images", 0)
@@ -498,11 +505,14 @@ class Trainer:
                 row.update({f"{prefix}_mae": scores["mae"], f"{prefix}_maxF": scores["maxF"]})
                 log.info("epoch %.2f (%d images): %s MAE %.4f  max F %.4f", row["epoch"], row["images"], name,
                          scores["mae"], scores["maxF"])
+            meta = {**self.training_meta(), "val_scores": {"mae": row["val_mae"], "maxF": row["val_maxF"]}}
             if self.best is None or row["val_maxF"] > self.best:
                 self.best = row["val_maxF"]
-                save_checkpoint(self.out / "best.safetensors", self.model, self.spec,
-                                {**self.training_meta(), "val_scores": {"mae": row["val_mae"],
-                                                                        "maxF": row["val_maxF"]}})
+                save_checkpoint(self.out / "best.safetensors", self.model, self.spec, meta)
+            # Max F ranks pixels, MAE also weighs calibration; the two bests can be different checkpoints.
+            if self.best_mae is None or row["val_mae"] < self.best_mae:
+                self.best_mae = row["val_mae"]
+                save_checkpoint(self.out / "best_mae.safetensors", self.model, self.spec, meta)
         if self.main:
             self.append_log(row, writer)
 
@@ -571,12 +581,25 @@ def train(recipe: Recipe, opts: TrainOptions) -> pathlib.Path:
     return Trainer(recipe, opts).run()
 
 
-def recipe_for_run(name: str | None, overrides: dict, out: str | os.PathLike, resume: bool) -> Recipe:
+# What --reschedule may change in a run under way: its length, rates and sizes, and the batch per process (so that
+# a run moved from one process to several under torchrun keeps its images per step) -- not what it trains.
+SCHEDULE_FIELDS = ("stages", "size", "size_schedule", "batch_size")
+
+
+def recipe_for_run(name: str | None, overrides: dict, out: str | os.PathLike, resume: bool,
+                   reschedule: bool = False) -> Recipe:
     """The recipe a `pfanet train` invocation means: the named recipe (default cpu-duts) with the overrides applied,
     or, when resuming, the run's own recipe.json, which must come out unchanged by the overrides (so that the run
-    continues exactly as it was started)."""
+    continues exactly as it was started).
+
+    With `reschedule` a resumed run takes a new schedule (SCHEDULE_FIELDS) from its current position on: its own
+    recipe's with the overrides applied (e.g. --epochs), or, when a recipe is named, that recipe's as the package
+    now defines it. The learning rate, alpha and input size are functions of the position, so the run carries on
+    along the new curves. Anything else that would change is refused. The replaced recipe.json is kept beside it."""
     from .recipes import RECIPES
 
+    if reschedule and not resume:
+        raise ValueError("--reschedule changes the schedule of a run being resumed: use it with --resume")
     if not resume:
         return RECIPES[name or "cpu-duts"].override(**overrides)
     path = pathlib.Path(out) / "recipe.json"
@@ -585,8 +608,23 @@ def recipe_for_run(name: str | None, overrides: dict, out: str | os.PathLike, re
     saved = Recipe.from_dict(json.loads(path.read_text()))
     if name and name != saved.name:
         raise ValueError(f"{out} is a run of recipe {saved.name!r}, not {name!r}")
-    changed = saved.differences(saved.override(**overrides))
+    if not reschedule:
+        changed = saved.differences(saved.override(**overrides))
+        if changed:
+            raise ValueError(f"--resume continues {out} as it was started; these options would change its recipe: "
+                             + "; ".join(changed) + " (--reschedule allows changes to " + ", ".join(SCHEDULE_FIELDS)
+                             + ")")
+        return saved
+    target = (RECIPES[name] if name else saved).override(**overrides)
+    rescheduled = dataclasses.replace(saved, **{f: getattr(target, f) for f in SCHEDULE_FIELDS},
+                                      description=target.description)
+    refused = [d for d in rescheduled.differences(target) if d.split(":")[0] not in SCHEDULE_FIELDS]
+    if refused:
+        raise ValueError(f"--reschedule changes only {', '.join(SCHEDULE_FIELDS)}; {out} differs from the new "
+                         "recipe in: " + "; ".join(refused))
+    changed = saved.differences(rescheduled)
     if changed:
-        raise ValueError(f"--resume continues {out} as it was started; these options would change its recipe: "
-                         + "; ".join(changed))
-    return saved
+        kept = path.with_name(f"recipe.{time.strftime('%Y%m%d-%H%M%S')}.json")
+        shutil.copyfile(path, kept)
+        log.warning("%s rescheduled (old recipe kept as %s): %s", out, kept.name, "; ".join(changed))
+    return rescheduled

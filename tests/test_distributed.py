@@ -69,22 +69,29 @@ def test_each_rank_takes_every_world_th_sample_of_the_epoch_order():
     assert one.order() != order
 
 
-def test_torchrun_two_cpu_processes(tmp_path, ecssd_pairs, ecssd_val_pairs):
+def torchrun_two(tmp_path, worker: str, train_pairs, val_pairs, *args: str, timeout: float):
+    """Write the training and validation lists and the worker script, and run the script under torchrun as two CPU
+    processes (one thread each: two cores): (train.txt, val.txt, the finished process)."""
     torchrun = pathlib.Path(sys.executable).parent / "torchrun"
     if not torchrun.is_file():
         pytest.skip(f"no torchrun beside {sys.executable}")
-    data = tmp_path / "train.txt"
-    data.write_text("".join(f"{i}\t{m}\n" for i, m in ecssd_pairs(8)))
-    val = tmp_path / "val.txt"
-    val.write_text("".join(f"{i}\t{m}\n" for i, m in ecssd_val_pairs(1)))
-    (tmp_path / "worker.py").write_text(WORKER)
+    data, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    data.write_text("".join(f"{i}\t{m}\n" for i, m in train_pairs))
+    val.write_text("".join(f"{i}\t{m}\n" for i, m in val_pairs))
+    (tmp_path / "worker.py").write_text(worker)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "worker.py"),
+                           *(a.format(train=data, val=val) for a in args)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    return data, val, proc
+
+
+def test_torchrun_two_cpu_processes(tmp_path, ecssd_pairs, ecssd_val_pairs):
     results = tmp_path / "results"
     results.mkdir()
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 processes on 2 cores
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "worker.py"),
-                           str(data), str(run_dir), str(results), str(val)],
-                          env=env, capture_output=True, text=True, timeout=900, check=False)
+    data, _, proc = torchrun_two(tmp_path, WORKER, ecssd_pairs(8), ecssd_val_pairs(1),
+                                 "{train}", str(run_dir), str(results), "{val}", timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     rank0, rank1 = (json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -139,18 +146,8 @@ def test_the_waiting_rank_gives_up_after_the_collective_timeout(tmp_path, ecssd_
     """Rank 0 validates (here for 10 minutes) while rank 1 waits in a collective: the wait is bounded by
     TrainOptions.collective_timeout (--collective-timeout, default 2 h), not by the process group's default. With 20 s
     the waiting rank fails with a timeout long before the validation would end."""
-    torchrun = pathlib.Path(sys.executable).parent / "torchrun"
-    if not torchrun.is_file():
-        pytest.skip(f"no torchrun beside {sys.executable}")
-    data = tmp_path / "train.txt"
-    data.write_text("".join(f"{i}\t{m}\n" for i, m in ecssd_pairs(4)))
-    val = tmp_path / "val.txt"
-    val.write_text("".join(f"{i}\t{m}\n" for i, m in ecssd_val_pairs(1)))
-    (tmp_path / "worker.py").write_text(SLOW_VALIDATION)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "worker.py"),
-                           str(data), str(tmp_path / "run"), str(val), "20", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=400, check=False)
+    _, _, proc = torchrun_two(tmp_path, SLOW_VALIDATION, ecssd_pairs(4), ecssd_val_pairs(1),
+                              "{train}", str(tmp_path / "run"), "{val}", "20", str(tmp_path), timeout=400)
     assert proc.returncode != 0
     assert (tmp_path / "validating").is_file(), proc.stderr[-3000:]  # rank 0 got as far as validating
     error = (tmp_path / "rank1_error.txt").read_text()

@@ -110,8 +110,9 @@ def test_weight_decay_spares_biases_and_norm_weights_unless_asked():
 
 
 def test_size_schedule_and_new_fields_are_checked():
-    r = RECIPES["cpu-duts"]
+    r = RECIPES["cpu-duts"].override(size=256, size_schedule="14:128,17:192")
     assert [r.size_at(e) for e in (0, 13, 14, 16, 17, 18)] == [128, 128, 192, 192, 256, 256]
+    assert [RECIPES["cpu-duts"].size_at(e) for e in range(5)] == [128, 128, 128, 160, 160]
     for bad in ({"size_schedule": "4:100"}, {"size_schedule": "4"}, {"optimizer": "lion"}, {"targets": "half"},
                 {"target_resize": "cubic"}, {"warmup_steps": -1}):
         with pytest.raises(ValueError):
@@ -158,6 +159,28 @@ def test_recipe_for_a_new_run_and_for_resuming(tmp_path):
         recipe_for_run(None, {"epochs": 20}, tmp_path, resume=True)
     with pytest.raises(ValueError, match="'cpu-ecssd', not 'paper'"):
         recipe_for_run("paper", {}, tmp_path, resume=True)
+
+
+def test_reschedule_changes_only_the_schedule_and_keeps_the_old_recipe(tmp_path):
+    old = RECIPES["cpu-duts"].override(stages="14:1.0:2e-4,19:0.7:2e-4", size=256, size_schedule="14:128,17:192")
+    (tmp_path / "recipe.json").write_text(old.to_json())
+    with pytest.raises(ValueError, match="with --resume"):
+        recipe_for_run(None, {}, tmp_path, resume=False, reschedule=True)
+    # Its own recipe, stretched: the stages follow, nothing else moves.
+    longer = recipe_for_run(None, {"epochs": 38}, tmp_path, resume=True, reschedule=True)
+    assert [s.until for s in longer.stages] == [28, 38] and old.differences(longer) == [
+        f"stages: {old.to_dict()['stages']} -> {longer.to_dict()['stages']}"]
+    # The named recipe as now defined (the run this was written for): its schedule, the run's everything else.
+    new = recipe_for_run("cpu-duts", {}, tmp_path, resume=True, reschedule=True)
+    assert new == RECIPES["cpu-duts"]
+    assert {d.split(":")[0] for d in old.differences(new)} == {"stages", "size", "size_schedule"}  # batch as it was
+    assert len(list(tmp_path.glob("recipe.*.json"))) >= 1  # the replaced recipe.json, kept
+    assert recipe_for_run(None, {"batch_size": 4}, tmp_path, resume=True, reschedule=True).batch_size == 4
+    for bad in ({"weight_decay": 0.1}, {"norm": "per-image"}, {"optimizer": "sgd"}):
+        with pytest.raises(ValueError, match="changes only stages, size, size_schedule, batch_size"):
+            recipe_for_run(None, bad, tmp_path, resume=True, reschedule=True)
+    with pytest.raises(ValueError, match="--reschedule allows"):
+        recipe_for_run(None, {"epochs": 4}, tmp_path, resume=True)
 
 
 def test_cli_lists_recipes_and_reports_bad_options(tmp_path, capsys):
@@ -218,6 +241,21 @@ def test_size_schedule_mid_epoch_validation_on_two_sources_and_resume(tmp_path, 
     assert read_checkpoint(out / "epoch_0001.safetensors")[1]["input"]["size"] == 32
 
 
+def test_a_rescheduled_run_follows_the_new_schedule_from_where_it_stopped(tmp_path, ecssd_pairs):
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(4))  # 2 steps an epoch
+    out = tmp_path / "run"
+    Trainer(tiny_recipe(), options(data, out, max_steps=1)).run()
+    new = recipe_for_run(None, {"epochs": 3, "size": 64, "size_schedule": "2:32"}, out, resume=True, reschedule=True)
+    with pytest.raises(ValueError, match="another recipe"):  # the state refuses it unless told
+        Trainer(new, options(data, out, resume=True))
+    Trainer(new, options(data, out, resume=True, reschedule=True)).run()
+    rows = read_log(out)
+    assert [int(r["size"]) for r in rows] == [32, 32, 64]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([new.lr(e, 1, 2) for e in range(3)])
+    assert Recipe.from_dict(json.loads((out / "recipe.json").read_text())) == new
+    assert read_checkpoint(out / "last.safetensors")[1]["input"]["size"] == 64
+
+
 def test_resume_mid_epoch_and_at_an_epoch_boundary_ends_with_the_same_weights(full_run, tmp_path):
     reference, data, _ = full_run
     out = tmp_path / "run"
@@ -273,6 +311,9 @@ def test_run_folder_logs_validation_and_best(full_run):
     _, meta = read_checkpoint(folder / "best.safetensors")
     assert meta["training"]["val_scores"]["maxF"] == max(float(r["val_maxF"]) for r in rows)
     assert load_state(folder)["best"] == meta["training"]["val_scores"]["maxF"]
+    _, meta = read_checkpoint(folder / "best_mae.safetensors")
+    assert meta["training"]["val_scores"]["mae"] == min(float(r["val_mae"]) for r in rows)
+    assert load_state(folder)["best_mae"] == meta["training"]["val_scores"]["mae"]
     for name in ("last.safetensors", "epoch_0001.safetensors", "epoch_0002.safetensors"):
         assert (folder / name).is_file()
     assert not list(folder.glob(".*.tmp"))  # atomic writes leave no temporary files

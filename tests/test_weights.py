@@ -307,7 +307,7 @@ def test_metadata_that_does_not_fit_the_tensors_names_them(tmp_path):
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, PFANet(PFANetConfig(with_ca=False)), OFFICIAL_INPUT)
     with safe_open(str(path), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not iterable
     save_file(tensors, str(path), metadata={"pfanet": meta["pfanet"].replace('"with_ca": false', '"with_ca": true')})
     with pytest.raises(WeightsError, match="missing.*channel_attention.fc1.weight"):
         load_checkpoint(path)
