@@ -206,10 +206,10 @@ class Recipe:
             stages = [dataclasses.replace(s, lr=s.lr * scale) for s in stages]
         return dataclasses.replace(self, stages=tuple(stages), **changes)
 
-    def differences(self, other: Recipe) -> list[str]:
-        """"field: mine -> other's" for each field that differs (the description aside)."""
+    def differences(self, other: Recipe, ignore: tuple[str, ...] = ()) -> list[str]:
+        """"field: mine -> other's" for each field that differs (the description and `ignore` aside)."""
         a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]} -> {b[k]}" for k in a if k != "description" and a[k] != b[k]]
+        return [f"{k}: {a[k]} -> {b[k]}" for k in a if k != "description" and k not in ignore and a[k] != b[k]]
 
 
 RECIPES = {

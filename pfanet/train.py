@@ -278,8 +278,7 @@ class Trainer:
     def load_state(self, state: dict) -> None:
         path = self.out / "state.pt"
         saved = Recipe.from_dict(json.loads(state["recipe"]))
-        changed = [d for d in saved.differences(self.recipe)
-                   if not (self.opts.reschedule and d.split(":")[0] in SCHEDULE_FIELDS)]
+        changed = saved.differences(self.recipe, ignore=SCHEDULE_FIELDS if self.opts.reschedule else ())
         if changed:
             raise ValueError(f"{path}: the run was started with another recipe ({'; '.join(changed)}); "
                              "resume with the same settings")
@@ -618,7 +617,7 @@ def recipe_for_run(name: str | None, overrides: dict, out: str | os.PathLike, re
     target = (RECIPES[name] if name else saved).override(**overrides)
     rescheduled = dataclasses.replace(saved, **{f: getattr(target, f) for f in SCHEDULE_FIELDS},
                                       description=target.description)
-    refused = [d for d in rescheduled.differences(target) if d.split(":")[0] not in SCHEDULE_FIELDS]
+    refused = rescheduled.differences(target)  # the schedule is target's already: what is left would change the run
     if refused:
         raise ValueError(f"--reschedule changes only {', '.join(SCHEDULE_FIELDS)}; {out} differs from the new "
                          "recipe in: " + "; ".join(refused))
