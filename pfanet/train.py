@@ -296,11 +296,13 @@ class Trainer:
         self.epoch_steps = state.get("epoch_steps", 0)
         self.epoch_images = state.get("epoch_images", 0)
         self.epoch_seconds = state.get("epoch_seconds", 0.0)
-        ranks = state.get("rank_torch_rng")
-        same_world = ranks is not None and len(ranks) == self.world
-        torch.set_rng_state(ranks[self.rank] if same_world else state["torch_rng"])
-        if self.device.type == "cuda" and "rank_cuda_rng" in state and same_world:
-            torch.cuda.set_rng_state(state["rank_cuda_rng"][self.rank], self.device)
+        rng = saved_rng_state(state, self.rank, self.world)
+        if rng is not None:
+            torch.set_rng_state(rng)
+        else:  # saved by another number of processes: each process its own dropout draws from here on
+            torch.manual_seed(self.seed * 100_003 + self.epoch + self.rank * 1_000_003 + self.global_step)
+        if self.device.type == "cuda" and "rank_cuda_rng" in state and rng is not None:
+            torch.cuda.set_rng_state(state["rank_cuda_rng"][self.rank].clone(), self.device)
         if self.main:
             self.trim_log()
 
@@ -384,7 +386,7 @@ class Trainer:
             (self.out / "recipe.json").write_text(self.recipe.to_json())
         if self.state is not None and self.epoch >= self.recipe.epochs:
             log.info("%s is complete (%d epochs): nothing to resume", self.out, self.epoch)
-        elif self.state is not None:
+        elif self.state is not None and self.main:
             log.info("resumed %s at epoch %d step %d", self.out, self.epoch + 1, self.step_in_epoch)
         if threading.current_thread() is threading.main_thread():
             self.old_handlers = {s: signal.signal(s, self.handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -582,6 +584,17 @@ def train(recipe: Recipe, opts: TrainOptions) -> pathlib.Path:
 
 # What --reschedule may change in a run under way: its length, rates and sizes, and the batch per process (so that
 # a run moved from one process to several under torchrun keeps its images per step) -- not what it trains.
+def saved_rng_state(state: dict, rank: int, world: int) -> torch.Tensor | None:
+    """The CPU RNG state a process of `world` saved in state.pt, or None when another number of processes saved it.
+
+    A copy: a row of the stacked states is a view at an offset into their storage, which torch.set_rng_state
+    misreads ("Invalid mt19937 state", or a crash) for every rank but 0."""
+    ranks = state.get("rank_torch_rng")
+    if ranks is None:  # written before the per-rank states existed, by a single process
+        return state["torch_rng"] if world == 1 else None
+    return ranks[rank].clone() if len(ranks) == world else None
+
+
 SCHEDULE_FIELDS = ("stages", "size", "size_schedule", "batch_size")
 
 
@@ -622,7 +635,7 @@ def recipe_for_run(name: str | None, overrides: dict, out: str | os.PathLike, re
         raise ValueError(f"--reschedule changes only {', '.join(SCHEDULE_FIELDS)}; {out} differs from the new "
                          "recipe in: " + "; ".join(refused))
     changed = saved.differences(rescheduled)
-    if changed:
+    if changed and os.environ.get("RANK", "0") == "0":  # under torchrun every process gets here: one copy, one warning
         kept = path.with_name(f"recipe.{time.strftime('%Y%m%d-%H%M%S')}.json")
         shutil.copyfile(path, kept)
         log.warning("%s rescheduled (old recipe kept as %s): %s", out, kept.name, "; ".join(changed))

@@ -29,7 +29,7 @@ import pfanet.train
 from pfanet.cli import main
 from pfanet.model import VGG16_CONVS
 from pfanet.recipes import RECIPES, Recipe, Stage
-from pfanet.train import Trainer, TrainingStopped, TrainOptions, recipe_for_run
+from pfanet.train import Trainer, TrainingStopped, TrainOptions, recipe_for_run, saved_rng_state
 from pfanet.weights import hed_weights_path, read_checkpoint
 
 
@@ -161,9 +161,14 @@ def test_recipe_for_a_new_run_and_for_resuming(tmp_path):
         recipe_for_run("paper", {}, tmp_path, resume=True)
 
 
-def test_reschedule_changes_only_the_schedule_and_keeps_the_old_recipe(tmp_path):
+def test_reschedule_changes_only_the_schedule_and_keeps_the_old_recipe(tmp_path, monkeypatch):
     old = RECIPES["cpu-duts"].override(stages="14:1.0:2e-4,19:0.7:2e-4", size=256, size_schedule="14:128,17:192")
     (tmp_path / "recipe.json").write_text(old.to_json())
+    # A second torchrun process reschedules alike but leaves the copy of the old recipe to process 0.
+    monkeypatch.setenv("RANK", "1")
+    assert recipe_for_run("cpu-duts", {}, tmp_path, resume=True, reschedule=True) == RECIPES["cpu-duts"]
+    assert not list(tmp_path.glob("recipe.*.json"))
+    monkeypatch.delenv("RANK")
     with pytest.raises(ValueError, match="with --resume"):
         recipe_for_run(None, {}, tmp_path, resume=False, reschedule=True)
     # Its own recipe, stretched: the stages follow, nothing else moves.
@@ -499,3 +504,19 @@ def test_kill_9_mid_epoch_then_resume_ends_as_an_uninterrupted_run(tmp_path, ecs
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def test_each_process_resumes_its_own_random_state():
+    # state.pt holds the processes' CPU RNG states stacked; process 1's row must restore (a view of the row did not:
+    # "Invalid mt19937 state" on resuming a two-process run).
+    draws, states = [], []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        states.append(torch.get_rng_state())
+        draws.append(torch.rand(3))
+    state = {"rank_torch_rng": torch.stack(states), "torch_rng": states[0]}
+    for rank in range(2):
+        torch.set_rng_state(saved_rng_state(state, rank, 2))
+        assert torch.equal(torch.rand(3), draws[rank])
+    assert saved_rng_state(state, 0, 3) is None  # another number of processes: each reseeds on its own
+    assert torch.equal(saved_rng_state({"torch_rng": states[1]}, 0, 1), states[1])  # older single-process states
