@@ -2,7 +2,8 @@
 
 Checks that only rank 0 writes into the run folder (every file operation of each process is recorded with an audit
 hook), that both ranks end with identical weights, and that 2 processes at batch 2 compute what one process at
-batch 4 does (per-image normalisation makes the network batch-independent; dropout is off).
+batch 4 does (per-image normalisation makes the network batch-independent; dropout is off), also when stopped after
+one step and resumed.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ WORKER = textwrap.dedent("""
     from pfanet.train import Trainer, TrainOptions
 
     recipe = RECIPES["cpu-ecssd"].override(size=32, batch_size=2, epochs=1, dropout=False)
-    trainer = Trainer(recipe, TrainOptions(train=[sys.argv[1]], out=run_dir, val=[sys.argv[4]], workers=1,
-                                           progress=False))
+    options = TrainOptions(train=[sys.argv[1]], out=run_dir, val=[sys.argv[4]], workers=1, progress=False)
+    if sys.argv[5:] == ["stop-and-resume"]:  # one step, then a new trainer resumes the two processes' state
+        Trainer(recipe, TrainOptions(**{**vars(options), "max_steps": 1})).run()
+        options.resume = True
+    trainer = Trainer(recipe, options)
     trainer.run()
     results = pathlib.Path(sys.argv[3])
     torch.save(trainer.model.state_dict(), results / f"rank{trainer.rank}.pt")
@@ -116,6 +120,14 @@ def test_torchrun_two_cpu_processes(tmp_path, ecssd_pairs, ecssd_val_pairs):
         torch.testing.assert_close(w0[k], v, rtol=1e-4, atol=1e-6, msg=k)
     initial = Trainer(recipe, TrainOptions(train=[str(data)], out=str(tmp_path / "init"), progress=False))
     assert not torch.allclose(initial.model.fusion.weight, w0["fusion.weight"])  # training did move the weights
+
+    # Stopped after one step and resumed by both processes, the run ends where the uninterrupted one did.
+    _, _, proc = torchrun_two(tmp_path, WORKER, ecssd_pairs(8), ecssd_val_pairs(1),
+                              "{train}", str(tmp_path / "resumed"), str(results), "{val}", "stop-and-resume",
+                              timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for k, v in torch.load(results / "rank1.pt", weights_only=True).items():
+        torch.testing.assert_close(v, w0[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 SLOW_VALIDATION = textwrap.dedent("""
