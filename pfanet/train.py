@@ -388,6 +388,8 @@ class Trainer:
             log.info("%s is complete (%d epochs): nothing to resume", self.out, self.epoch)
         elif self.state is not None and self.main:
             log.info("resumed %s at epoch %d step %d", self.out, self.epoch + 1, self.step_in_epoch)
+        elif self.main:
+            log.info("started %s", self.out)
         if threading.current_thread() is threading.main_thread():
             self.old_handlers = {s: signal.signal(s, self.handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:

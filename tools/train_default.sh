@@ -49,5 +49,17 @@ if [[ "$PROCS" -gt 1 ]]; then
 else
   launch=(.venv/bin/pfanet)
 fi
+logged=$(stat -c %s "$RUN/train.log" 2>/dev/null || echo 0)
 nohup nice -n "${NICE:-10}" "${launch[@]}" "${args[@]}" >> "$RUN/train.log" 2>&1 &
-echo "$what $RUN (pid $!, $PROCS process(es), log $RUN/train.log)"
+pid=$!
+# A run that cannot start (bad options, a state one of its processes cannot resume) dies within seconds of saying
+# "started" or "resumed": wait for that line and 30 s more, so that a failure shows here, not as a dead background job.
+dead() { tail -20 "$RUN/train.log"; echo "FAILED: $RUN did not start (log $RUN/train.log)"; exit 1; }
+for _ in $(seq 300); do
+  kill -0 "$pid" 2>/dev/null || dead
+  tail -c +$((logged + 1)) "$RUN/train.log" | grep -q "INFO \(resumed\|started\) $RUN" && break
+  sleep 1
+done
+sleep 30
+kill -0 "$pid" 2>/dev/null || dead
+echo "$what $RUN (pid $pid, $PROCS process(es), log $RUN/train.log)"
