@@ -231,7 +231,7 @@ RECIPES = {
         norm="batch", bn_momentum=0.1, freeze_blocks=2, backbone="hed", targets="soft", target_resize="bilinear",
         description="The default model: DUTS-TR on a 2-core CPU from the HED VGG16 in about 12 hours "
                     "(docs/TRAINING.md gives the reasons for each choice). AdamW 2e-4 with 200 warm-up steps and a "
-                    "per-step cosine over 4 epochs (42,200 images), standard BatchNorm (running statistics at "
+                    "per-step cosine over 4 epochs (40,200 images), standard BatchNorm (running statistics at "
                     "momentum 0.1), blocks 1-2 frozen, epochs 1-3 at 128x128 with alpha 1.0, epoch 4 at 160 (the "
                     "size it ships at) with alpha 0.7, soft targets (mask/255) on the image's grid.",
     ),
