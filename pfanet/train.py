@@ -300,11 +300,15 @@ class Trainer:
         if rng is not None:
             torch.set_rng_state(rng)
         else:  # saved by another number of processes: each process its own dropout draws from here on
-            torch.manual_seed(self.seed * 100_003 + self.epoch + self.rank * 1_000_003 + self.global_step)
+            self.seed_dropout(self.global_step)
         if self.device.type == "cuda" and "rank_cuda_rng" in state and rng is not None:
             torch.cuda.set_rng_state(state["rank_cuda_rng"][self.rank].clone(), self.device)
         if self.main:
             self.trim_log()
+
+    def seed_dropout(self, offset: int = 0) -> None:
+        """Seed the global generator (dropout's) from (seed, epoch, rank), and `offset` when resuming mid-epoch."""
+        torch.manual_seed(self.seed * 100_003 + self.epoch + self.rank * 1_000_003 + offset)
 
     def trim_log(self) -> None:
         """Drop log rows written after the checkpoint (before a crash that came ahead of the next one)."""
@@ -413,7 +417,7 @@ class Trainer:
                 # checkpoints and validation of this epoch carry the size it trains at
                 self.spec = dataclasses.replace(self.spec, size=self.recipe.size_at(self.epoch))
                 if self.step_in_epoch == 0:  # dropout draws from (seed, epoch, rank); mid-epoch, the restored state
-                    torch.manual_seed(self.seed * 100_003 + self.epoch + self.rank * 1_000_003)
+                    self.seed_dropout()
                     self.epoch_loss, self.epoch_steps, self.epoch_images, self.epoch_seconds = 0.0, 0, 0, 0.0
                 self.model.train()
                 total = self.steps_per_epoch()
@@ -584,8 +588,6 @@ def train(recipe: Recipe, opts: TrainOptions) -> pathlib.Path:
     return Trainer(recipe, opts).run()
 
 
-# What --reschedule may change in a run under way: its length, rates and sizes, and the batch per process (so that
-# a run moved from one process to several under torchrun keeps its images per step) -- not what it trains.
 def saved_rng_state(state: dict, rank: int, world: int) -> torch.Tensor | None:
     """The CPU RNG state a process of `world` saved in state.pt, or None when another number of processes saved it.
 
@@ -597,6 +599,8 @@ def saved_rng_state(state: dict, rank: int, world: int) -> torch.Tensor | None:
     return ranks[rank].clone() if len(ranks) == world else None
 
 
+# What --reschedule may change in a run under way: its length, rates and sizes, and the batch per process (so that
+# a run moved from one process to several under torchrun keeps its images per step) -- not what it trains.
 SCHEDULE_FIELDS = ("stages", "size", "size_schedule", "batch_size")
 
 
