@@ -398,6 +398,8 @@ class Trainer:
             self.old_handlers = {s: signal.signal(s, self.handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.loop()
+            if self.world > 1:  # every process returns once rank 0 has written the run's files (state.pt, ...)
+                dist.barrier()
         finally:
             for s, h in self.old_handlers.items():
                 signal.signal(s, h)

@@ -10,6 +10,8 @@
 #                                                   or onto another PROCS: the batch per process follows)
 #   PROCS=1 tools/train_default.sh                 (one process of 8 images a step instead of two of 4)
 #   CACHE=0 tools/train_default.sh                 (decode every step instead of keeping DUTS-TR decoded in memory)
+# Starting or resuming, it returns once the run has logged "started"/"resumed" and stayed up 30 s more, and fails
+# with the log's tail otherwise.
 # PROCS (default 2): processes under torchrun, one thread each, each taking 8/PROCS images of a step -- on two cores
 # 1.20x the images/s of one process with two threads (docs/TRAINING.md). BatchNorm statistics are per process.
 # CACHE (default 1): --cache, 1.18x on two cores; about 3.3 GB of memory per process for DUTS-TR at 320 px.
