@@ -22,7 +22,7 @@ from pfanet.recipes import RECIPES
 from pfanet.train import EpochSampler, Trainer, TrainOptions
 
 WORKER = textwrap.dedent("""
-    import json, os, pathlib, sys
+    import json, os, pathlib, sys, time
 
     run_dir = os.path.abspath(sys.argv[2])
     written = []  # this process's file operations inside the run folder
@@ -48,12 +48,23 @@ WORKER = textwrap.dedent("""
 
     recipe = RECIPES["cpu-ecssd"].override(size=32, batch_size=2, epochs=1, dropout=False)
     options = TrainOptions(train=[sys.argv[1]], out=run_dir, val=[sys.argv[4]], workers=1, progress=False)
-    if sys.argv[5:] == ["stop-and-resume"]:  # one step, then a new trainer resumes the two processes' state
-        Trainer(recipe, TrainOptions(**{**vars(options), "max_steps": 1})).run()
-        options.resume = True
+    results = pathlib.Path(sys.argv[3])
+    if sys.argv[5:] == ["stop"]:  # one step; process 0 writes its files late, and run() must wait for them
+        import pfanet.train
+        atomic_write = pfanet.train.atomic_write
+
+        def late_write(path, write):
+            time.sleep(3)
+            atomic_write(path, write)
+
+        pfanet.train.atomic_write = late_write
+        trainer = Trainer(recipe, TrainOptions(**{**vars(options), "max_steps": 1}))
+        trainer.run()
+        (results / f"rank{trainer.rank}.stopped").write_text(str((pathlib.Path(run_dir) / "state.pt").is_file()))
+        sys.exit()
+    options.resume = sys.argv[5:] == ["resume"]
     trainer = Trainer(recipe, options)
     trainer.run()
-    results = pathlib.Path(sys.argv[3])
     torch.save(trainer.model.state_dict(), results / f"rank{trainer.rank}.pt")
     (results / f"rank{trainer.rank}.json").write_text(json.dumps(written))
 """)
@@ -121,11 +132,13 @@ def test_torchrun_two_cpu_processes(tmp_path, ecssd_pairs, ecssd_val_pairs):
     initial = Trainer(recipe, TrainOptions(train=[str(data)], out=str(tmp_path / "init"), progress=False))
     assert not torch.allclose(initial.model.fusion.weight, w0["fusion.weight"])  # training did move the weights
 
-    # Stopped after one step and resumed by both processes, the run ends where the uninterrupted one did.
-    _, _, proc = torchrun_two(tmp_path, WORKER, ecssd_pairs(8), ecssd_val_pairs(1),
-                              "{train}", str(tmp_path / "resumed"), str(results), "{val}", "stop-and-resume",
-                              timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # Stopped after one step, then resumed by a new launch (as tools/train_default.sh does), the run ends where the
+    # uninterrupted one did. Each process's run() returns only once process 0 has written state.pt.
+    for step in ("stop", "resume"):
+        _, _, proc = torchrun_two(tmp_path, WORKER, ecssd_pairs(8), ecssd_val_pairs(1),
+                                  "{train}", str(tmp_path / "resumed"), str(results), "{val}", step, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert [(results / f"rank{r}.stopped").read_text() for r in (0, 1)] == ["True", "True"]
     for k, v in torch.load(results / "rank1.pt", weights_only=True).items():
         torch.testing.assert_close(v, w0[k], rtol=1e-4, atol=1e-6, msg=k)
 
