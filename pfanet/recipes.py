@@ -235,6 +235,15 @@ RECIPES = {
                     "momentum 0.1), blocks 1-2 frozen, epochs 1-3 at 128x128 with alpha 1.0, epoch 4 at 160 (the "
                     "size it ships at) with alpha 0.7, soft targets (mask/255) on the image's grid.",
     ),
+    "cpu-duts-192": Recipe(
+        "cpu-duts-192", stages=(Stage(2, 0.7, 5e-5),), batch_size=8, size=192, lr_decay="cosine", warmup_steps=100,
+        optimizer="adamw", weight_decay=1e-2, norm="batch", bn_momentum=0.1, freeze_blocks=2, backbone="hed",
+        targets="soft", target_resize="bilinear",
+        description="Second phase of the default model, the rest of the 12-hour CPU budget: pass --init with "
+                    "cpu-duts' final checkpoint (4 epochs ran in about 7 hours). Two epochs at 192x192 (borders are "
+                    "where the 160-px model loses most), alpha 0.7, AdamW restarted at 5e-5 with 100 warm-up steps "
+                    "and a per-step cosine; otherwise cpu-duts.",
+    ),
     "cpu-ecssd": Recipe(
         "cpu-ecssd", stages=(Stage(3, 1.0, 1e-2), Stage(12, 0.7, 1e-2)), batch_size=8, size=192,
         lr_decay="cosine", weight_decay=5e-4, freeze_blocks=3, backbone="hed",

@@ -520,3 +520,12 @@ def test_each_process_resumes_its_own_random_state():
         assert torch.equal(torch.rand(3), draws[rank])
     assert saved_rng_state(state, 0, 3) is None  # another number of processes: each reseeds on its own
     assert torch.equal(saved_rng_state({"torch_rng": states[1]}, 0, 1), states[1])  # older single-process states
+
+
+def test_cpu_duts_192_continues_cpu_duts_changing_only_its_schedule():
+    # A second phase (--init with cpu-duts' final checkpoint) must build the same network and train it the same
+    # way; only where the schedule goes (epochs, size, rate, warm-up) may differ.
+    changed = RECIPES["cpu-duts"].differences(RECIPES["cpu-duts-192"])
+    assert sorted(c.split(":")[0] for c in changed) == ["name", "size", "size_schedule", "stages", "warmup_steps"]
+    second = RECIPES["cpu-duts-192"]
+    assert second.size_at(0) == second.size_at(1) == 192 and second.stage(1).alpha == 0.7

@@ -10,6 +10,8 @@
 #                                                   or onto another PROCS: the batch per process follows)
 #   PROCS=1 tools/train_default.sh                 (one process of 8 images a step instead of two of 4)
 #   CACHE=0 tools/train_default.sh                 (decode every step instead of keeping DUTS-TR decoded in memory)
+#   RECIPE=cpu-duts-192 INIT=RUN/epoch_0004.safetensors tools/train_default.sh /work/runs/cpu-duts-192
+#                                                  (another recipe: the default model's second phase)
 # Starting or resuming, it returns once the run has logged "started"/"resumed" and stayed up 30 s more, and fails
 # with the log's tail otherwise.
 # PROCS (default 2): processes under torchrun, one thread each, each taking 8/PROCS images of a step -- on two cores
@@ -33,7 +35,7 @@ RUN=${1:-/work/runs/cpu-duts}
 DATA=${DATA:-../shared/data}
 PROCS=${PROCS:-2}
 mkdir -p "$RUN"
-args=(train --recipe cpu-duts --data "$DATA/duts-tr/train.txt" --val "$DATA/duts-tr/val.txt" "$DATA/ecssd/val.txt"
+args=(train --recipe "${RECIPE:-cpu-duts}" --data "$DATA/duts-tr/train.txt" --val "$DATA/duts-tr/val.txt" "$DATA/ecssd/val.txt"
       --val-limit 200 --val-steps "${VAL_STEPS:-600}" --save-steps 100 --save-every 1 --workers 1 --no-progress
       --batch-size $((8 / PROCS)) -o "$RUN")
 if [[ -f "$RUN/state.pt" ]]; then
