@@ -212,6 +212,18 @@ class Recipe:
         return [f"{k}: {a[k]} -> {b[k]}" for k in a if k != "description" and k not in ignore and a[k] != b[k]]
 
 
+CPU_DUTS = Recipe(
+    "cpu-duts", stages=(Stage(3, 1.0, 2e-4), Stage(4, 0.7, 2e-4)), batch_size=8, size=160,
+    size_schedule="3:128", lr_decay="cosine", warmup_steps=200, optimizer="adamw", weight_decay=1e-2,
+    norm="batch", bn_momentum=0.1, freeze_blocks=2, backbone="hed", targets="soft", target_resize="bilinear",
+    description="The default model: DUTS-TR on a 2-core CPU from the HED VGG16 in about 12 hours "
+                "(docs/TRAINING.md gives the reasons for each choice). AdamW 2e-4 with 200 warm-up steps and a "
+                "per-step cosine over 4 epochs (40,200 images), standard BatchNorm (running statistics at "
+                "momentum 0.1), blocks 1-2 frozen, epochs 1-3 at 128x128 with alpha 1.0, epoch 4 at 160 (the "
+                "size it ships at) with alpha 0.7, soft targets (mask/255) on the image's grid.",
+)
+
+
 RECIPES = {
     "paper": Recipe(
         "paper", stages=(Stage(25, 1.0, 1e-2), Stage(50, 0.7, 1e-3)), batch_size=22, size=256,
@@ -225,20 +237,9 @@ RECIPES = {
         description="Official train.py: SGD lr 1e-2 momentum 0.9, batch 15, 50 epochs, "
                     "lr = 1e-2 * 0.5^floor((epoch+1)/6.25), alpha 0.7, dropout.",
     ),
-    "cpu-duts": Recipe(
-        "cpu-duts", stages=(Stage(3, 1.0, 2e-4), Stage(4, 0.7, 2e-4)), batch_size=8, size=160,
-        size_schedule="3:128", lr_decay="cosine", warmup_steps=200, optimizer="adamw", weight_decay=1e-2,
-        norm="batch", bn_momentum=0.1, freeze_blocks=2, backbone="hed", targets="soft", target_resize="bilinear",
-        description="The default model: DUTS-TR on a 2-core CPU from the HED VGG16 in about 12 hours "
-                    "(docs/TRAINING.md gives the reasons for each choice). AdamW 2e-4 with 200 warm-up steps and a "
-                    "per-step cosine over 4 epochs (40,200 images), standard BatchNorm (running statistics at "
-                    "momentum 0.1), blocks 1-2 frozen, epochs 1-3 at 128x128 with alpha 1.0, epoch 4 at 160 (the "
-                    "size it ships at) with alpha 0.7, soft targets (mask/255) on the image's grid.",
-    ),
-    "cpu-duts-192": Recipe(
-        "cpu-duts-192", stages=(Stage(2, 0.7, 5e-5),), batch_size=8, size=192, lr_decay="cosine", warmup_steps=100,
-        optimizer="adamw", weight_decay=1e-2, norm="batch", bn_momentum=0.1, freeze_blocks=2, backbone="hed",
-        targets="soft", target_resize="bilinear",
+    "cpu-duts": CPU_DUTS,
+    "cpu-duts-192": CPU_DUTS.override(
+        name="cpu-duts-192", stages=(Stage(2, 0.7, 5e-5),), size=192, size_schedule="", warmup_steps=100,
         description="Second phase of the default model, the rest of the 12-hour CPU budget: pass --init with "
                     "cpu-duts' final checkpoint (4 epochs ran in about 7 hours). Two epochs at 192x192 (borders are "
                     "where the 160-px model loses most), alpha 0.7, AdamW restarted at 5e-5 with 100 warm-up steps "
