@@ -239,11 +239,12 @@ RECIPES = {
     ),
     "cpu-duts": CPU_DUTS,
     "cpu-duts-192": CPU_DUTS.override(
-        name="cpu-duts-192", stages=(Stage(2, 0.7, 5e-5),), size=192, size_schedule="", warmup_steps=100,
+        name="cpu-duts-192", stages=(Stage(3, 0.7, 1e-4),), size=192, size_schedule="", warmup_steps=200,
         description="Second phase of the default model, the rest of the 12-hour CPU budget: pass --init with "
-                    "cpu-duts' final checkpoint (4 epochs ran in about 7 hours). Two epochs at 192x192 (borders are "
-                    "where the 160-px model loses most), alpha 0.7, AdamW restarted at 5e-5 with 100 warm-up steps "
-                    "and a per-step cosine; otherwise cpu-duts.",
+                    "cpu-duts' final checkpoint (4 epochs ran in about 7 hours on an AVX2 CPU). Three epochs at "
+                    "192x192 (borders are where the 160-px model loses most), alpha 0.7, AdamW restarted at 1e-4 "
+                    "with 200 warm-up steps and a per-step cosine; otherwise cpu-duts. Run with --bf16 "
+                    "--channels-last on a CPU with AVX512_BF16 or AMX (2.3x there).",
     ),
     "cpu-ecssd": Recipe(
         "cpu-ecssd", stages=(Stage(3, 1.0, 1e-2), Stage(12, 0.7, 1e-2)), batch_size=8, size=192,
