@@ -239,7 +239,7 @@ RECIPES = {
     ),
     "cpu-duts": CPU_DUTS,
     "cpu-duts-192": CPU_DUTS.override(
-        name="cpu-duts-192", stages=(Stage(3, 0.7, 1e-4),), size=192, size_schedule="", warmup_steps=200,
+        name="cpu-duts-192", stages=(Stage(3, 0.7, 1e-4),), size=192, size_schedule="",
         description="Second phase of the default model, the rest of the 12-hour CPU budget: pass --init with "
                     "cpu-duts' final checkpoint (4 epochs ran in about 7 hours on an AVX2 CPU). Three epochs at "
                     "192x192 (borders are where the 160-px model loses most), alpha 0.7, AdamW restarted at 1e-4 "
