@@ -4,6 +4,9 @@ INT8 convolutions are about twice as fast as fp32 only where the CPU accumulates
 instruction: AVX512_VNNI (Intel since Cascade Lake, AMD since Zen 4), AVX_VNNI (Alder Lake and later client cores) or
 AMX (Sapphire Rapids and later). With AVX2 alone they run at the fp32 speed (docs/PERFORMANCE.md), so
 `Predictor(backend="auto")` keeps fp32 there.
+
+bf16 autocast trains about twice as fast as fp32 only where the CPU computes bfloat16 natively (AVX512_BF16, AMX);
+elsewhere it is emulated and far slower (docs/TRAINING.md), so `tools/train_default.sh` asks `bf16_instructions`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import pathlib
 
 # /proc/cpuinfo names, in the order they are reported as the reason
 INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 CPUINFO = pathlib.Path("/proc/cpuinfo")
 
 
@@ -32,5 +36,14 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
 
 def int8_instructions(flags: frozenset[str] | None = None) -> str | None:
     """The flag that makes INT8 faster than fp32 on this CPU (of `flags` when given), or None where there is none."""
+    return _first_of(INT8_FLAGS, flags)
+
+
+def bf16_instructions(flags: frozenset[str] | None = None) -> str | None:
+    """The flag that makes bf16 autocast faster than fp32 on this CPU (of `flags` when given), or None."""
+    return _first_of(BF16_FLAGS, flags)
+
+
+def _first_of(wanted: tuple[str, ...], flags: frozenset[str] | None) -> str | None:
     flags = cpu_flags() if flags is None else flags
-    return next((f for f in INT8_FLAGS if f in flags), None)
+    return next((f for f in wanted if f in flags), None)

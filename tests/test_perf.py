@@ -136,6 +136,9 @@ def test_cpu_flags_come_from_cpuinfo_and_name_the_int8_instructions():
     assert hardware.int8_instructions(flags) == "amx_int8"
     assert hardware.int8_instructions(frozenset({"avx2", "avx_vnni"})) == "avx_vnni"
     assert hardware.int8_instructions(frozenset({"avx2", "fma", "avx512f", "avx512bw"})) is None  # no VNNI: no
+    assert hardware.bf16_instructions(flags) is None  # AMX INT8 alone says nothing of bf16
+    assert hardware.bf16_instructions(frozenset({"avx512f", "avx512_bf16"})) == "avx512_bf16"
+    assert hardware.bf16_instructions(frozenset({"amx_bf16", "avx512_bf16"})) == "amx_bf16"
     assert hardware.cpu_flags("processor\t: 0\n") == frozenset()
 
 

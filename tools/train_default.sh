@@ -49,9 +49,10 @@ else
   what=started
 fi
 if [[ "${CACHE:-1}" != 0 ]]; then args+=(--cache); fi
-# bf16 autocast + channels_last where the CPU computes bfloat16 natively: 2.3x at 192 on AVX-512 BF16 (docs/TRAINING.md);
-# elsewhere bf16 is emulated and far slower, so it stays off
-if [[ "${BF16:-auto}" == 1 ]] || { [[ "${BF16:-auto}" == auto ]] && grep -qw -e avx512_bf16 -e amx_bf16 /proc/cpuinfo; }; then
+# bf16 autocast + channels_last where the CPU computes bfloat16 natively (pfanet.hardware.bf16_instructions): 2.3x at
+# 192 on AVX-512 BF16 (docs/TRAINING.md); elsewhere bf16 is emulated and far slower, so it stays off
+native_bf16() { .venv/bin/python -c "from pfanet.hardware import bf16_instructions as b; raise SystemExit(b() is None)"; }
+if [[ "${BF16:-auto}" == 1 ]] || { [[ "${BF16:-auto}" == auto ]] && native_bf16; }; then
   args+=(--bf16 --channels-last)
 fi
 if [[ "$PROCS" -gt 1 ]]; then
