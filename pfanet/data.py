@@ -175,7 +175,7 @@ def training_sample(img: np.ndarray, mask: np.ndarray, spec: InputSpec, target_r
     """
     x = preprocess(img, spec)
     resize = square_bilinear if target_resize == "bilinear" else square_nearest
-    y = torch.from_numpy(resize(mask.astype(np.float32), spec.size))[None]
+    y = torch.from_numpy(resize(mask.astype(np.float32), spec.size, spec.pad))[None]  # the image's padded box
     return x, y
 
 

@@ -158,7 +158,7 @@ def metadata(plan: ExportPlan, weights_meta: dict, exporter: str, opset: int) ->
         "torch": torch.__version__,
         "pfanet_version": __version__,
     }
-    return {
+    flat = {
         META_KEY: json.dumps(full, sort_keys=True),
         "input_layout": "NCHW float32; x = (pixel - mean) / std, pixels 0..255 in input_channel_order",
         "input_channel_order": spec.channel_order,
@@ -167,6 +167,9 @@ def metadata(plan: ExportPlan, weights_meta: dict, exporter: str, opset: int) ->
         "input_size": str(spec.size),
         "output": plan.output,
     }
+    # the PyTorch port's convention pads and resizes differently (InputSpec, docs/WEIGHTS.md)
+    flat |= {f"input_{k}": v for k, v in spec.to_dict().items() if k in ("pad", "resize")}
+    return flat
 
 
 def _graph_bytes(plan: ExportPlan, example: torch.Tensor, exporter: str, opset: int) -> bytes:

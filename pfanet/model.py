@@ -34,6 +34,9 @@ class PFANetConfig:
         norm: "per-image" normalises each image by its own per-channel statistics over HxW, in training and at
             inference: what the official always-training BatchNorm does at batch 1, which released weights need.
             "batch" is standard BatchNorm with running statistics.
+        c345_kernel: kernel size of the conv after channel attention (C345): 1 in the official code, 3 in the
+            popular PyTorch port (docs/WEIGHTS.md), whose checkpoints need it.
+        bn_eps: the BatchNorm epsilon: Keras' 1e-3 for official weights, PyTorch's 1e-5 for the port's.
     """
 
     with_cpfe: bool = True
@@ -42,10 +45,16 @@ class PFANetConfig:
     with_low_level: bool = True
     dropout: bool = True
     norm: str = "per-image"
+    c345_kernel: int = 1
+    bn_eps: float = KERAS_BN_EPS
 
     def __post_init__(self):
         if self.norm not in NORM_MODES:
             raise ValueError(f"norm must be one of {NORM_MODES}, got {self.norm!r}")
+        if self.c345_kernel not in (1, 3):
+            raise ValueError(f"c345_kernel must be 1 or 3, got {self.c345_kernel!r}")
+        if not self.bn_eps > 0:
+            raise ValueError(f"bn_eps must be positive, got {self.bn_eps!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -60,15 +69,15 @@ class PFANetConfig:
 
 
 class Norm(nn.BatchNorm2d):
-    """BatchNorm (Keras eps 1e-3) followed by ReLU, in one of the two normalisation modes.
+    """BatchNorm (Keras eps 1e-3 unless told otherwise) followed by ReLU, in one of the two normalisation modes.
 
     Both modes keep the same parameters and buffers, so a checkpoint loads in either. Per-image training never
     updates the running statistics, though: weights trained that way give meaningful "batch" outputs only in
     training mode (batch statistics), not in eval mode.
     """
 
-    def __init__(self, channels: int, mode: str):
-        super().__init__(channels, eps=KERAS_BN_EPS, momentum=0.01)  # Keras momentum 0.99 == torch 0.01
+    def __init__(self, channels: int, mode: str, eps: float = KERAS_BN_EPS):
+        super().__init__(channels, eps=eps, momentum=0.01)  # Keras momentum 0.99 == torch 0.01
         self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,13 +132,13 @@ class CPFE(nn.Module):
 
     dilations = (1, 3, 5, 7)
 
-    def __init__(self, in_channels: int, norm: str):
+    def __init__(self, in_channels: int, norm: str, eps: float = KERAS_BN_EPS):
         super().__init__()
         self.branches = nn.ModuleList(
             nn.Conv2d(in_channels, 32, 1 if d == 1 else 3, padding=0 if d == 1 else d, dilation=d, bias=False)
             for d in self.dilations
         )
-        self.bn = Norm(32 * len(self.dilations), norm)
+        self.bn = Norm(32 * len(self.dilations), norm, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(torch.cat([b(x) for b in self.branches], dim=1))
@@ -159,17 +168,17 @@ class SpatialAttention(nn.Module):
     Each branch ends in BN+ReLU (official code), so the attention lies in [0.5, 1).
     """
 
-    def __init__(self, channels: int, norm: str, k: int = 9):
+    def __init__(self, channels: int, norm: str, k: int = 9, eps: float = KERAS_BN_EPS):
         super().__init__()
         p = k // 2
         self.conv1_1 = nn.Conv2d(channels, channels // 2, (1, k), padding=(0, p))
-        self.bn1_1 = Norm(channels // 2, norm)
+        self.bn1_1 = Norm(channels // 2, norm, eps)
         self.conv1_2 = nn.Conv2d(channels // 2, 1, (k, 1), padding=(p, 0))
-        self.bn1_2 = Norm(1, norm)
+        self.bn1_2 = Norm(1, norm, eps)
         self.conv2_1 = nn.Conv2d(channels, channels // 2, (k, 1), padding=(p, 0))
-        self.bn2_1 = Norm(channels // 2, norm)
+        self.bn2_1 = Norm(channels // 2, norm, eps)
         self.conv2_2 = nn.Conv2d(channels // 2, 1, (1, k), padding=(0, p))
-        self.bn2_2 = Norm(1, norm)
+        self.bn2_2 = Norm(1, norm, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b1 = self.bn1_2(self.conv1_2(self.bn1_1(self.conv1_1(x))))
@@ -189,24 +198,25 @@ class PFANet(nn.Module):
 
         # High-level path
         if cfg.with_cpfe:
-            self.cpfe3, self.cpfe4, self.cpfe5 = (CPFE(c, cfg.norm) for c in (256, 512, 512))
+            self.cpfe3, self.cpfe4, self.cpfe5 = (CPFE(c, cfg.norm, cfg.bn_eps) for c in (256, 512, 512))
             high_channels = 3 * 128
         else:
             high_channels = 256 + 512 + 512
         self.channel_attention = ChannelAttention(high_channels) if cfg.with_ca else None
-        self.c345_conv = nn.Conv2d(high_channels, 64, 1)
-        self.c345_bn = Norm(64, cfg.norm)
+        self.c345_conv = nn.Conv2d(high_channels, 64, cfg.c345_kernel, padding=cfg.c345_kernel // 2)
+        self.c345_bn = Norm(64, cfg.norm, cfg.bn_eps)
 
         # Low-level path, weighted by spatial attention computed from the high level
         if cfg.with_low_level:
             self.c1_conv = nn.Conv2d(64, 64, 3, padding=1)
-            self.c1_bn = Norm(64, cfg.norm)
+            self.c1_bn = Norm(64, cfg.norm, cfg.bn_eps)
             self.c2_conv = nn.Conv2d(128, 64, 3, padding=1)
-            self.c2_bn = Norm(64, cfg.norm)
+            self.c2_bn = Norm(64, cfg.norm, cfg.bn_eps)
             self.c12_conv = nn.Conv2d(128, 64, 3, padding=1)
-            self.c12_bn = Norm(64, cfg.norm)
+            self.c12_bn = Norm(64, cfg.norm, cfg.bn_eps)
         # Spatial attention only has something to weight when the low-level path exists.
-        self.spatial_attention = SpatialAttention(64, cfg.norm) if cfg.with_sa and cfg.with_low_level else None
+        self.spatial_attention = (SpatialAttention(64, cfg.norm, eps=cfg.bn_eps) if cfg.with_sa and cfg.with_low_level
+                                  else None)
 
         self.fusion = nn.Conv2d(128 if cfg.with_low_level else 64, 1, 3, padding=1)  # Keras name "sa"
 

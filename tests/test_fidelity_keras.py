@@ -1,5 +1,6 @@
 """Fidelity with the official Keras model: the official network rebuilt in tf_keras (tests/keras_official.py) with
-random weights, saved the way Keras 2 saves them, loaded into our PFANet.
+random weights, saved the way Keras 2 saves them, loaded into our PFANet; and the same network built and saved by
+Keras 3 (.weights.h5, .keras), where Keras 3 is installed (TensorFlow >= 2.16 brings it).
 
 Skipped where TensorFlow and tf_keras are not installed (they are not pfanet dependencies); docs/FIDELITY.md says how
 to run it and what it measured. Set PFANET_FIDELITY_IMAGES to change how many ECSSD val images the pipeline check uses.
@@ -19,7 +20,8 @@ keras = pytest.importorskip("tf_keras")
 from keras_official import build_official, randomise
 
 from pfanet.predictor import Predictor
-from pfanet.weights import load_official_h5
+from pfanet.transforms import OFFICIAL_INPUT
+from pfanet.weights import load_checkpoint, load_official_h5
 
 SIZE = 256
 LOGIT_TOLERANCE = 1e-3
@@ -126,3 +128,95 @@ def test_predict_pipeline_matches_the_official_demo(official, ecssd_val_pairs):
           f"within 1 gray level, max difference {worst}, {100 * mid / total:.1f} % of pixels in 11..244")
     assert mid / total > 0.2  # maps that use the gray range, so that the comparison means something
     assert fraction >= 0.999
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The official network saved by Keras 3
+
+
+@pytest.fixture(scope="module")
+def keras3_official(tmp_path_factory):
+    """(Keras-3 model, its save_weights .weights.h5, its model.save .keras, {layer: arrays} as saved), random weights
+    saved before any call (a call moves the always-training BatchNorm's moving statistics)."""
+    k3 = pytest.importorskip("keras")
+    if int(k3.__version__.split(".")[0]) < 3:
+        pytest.skip(f"Keras 3 is not installed (keras {k3.__version__})")
+    folder = tmp_path_factory.mktemp("keras3")
+    k3.backend.clear_session()
+    model = build_official(SIZE, keras=k3)
+    randomise(model, seed=3, logit_scale=2.0)
+    model.save_weights(str(folder / "PFA_00050.weights.h5"))
+    model.save(str(folder / "PFA_00050.keras"))
+    saved = {layer.name: [np.asarray(w) for w in layer.weights] for layer in model.layers if layer.weights}
+    return model, folder / "PFA_00050.weights.h5", folder / "PFA_00050.keras", saved
+
+
+def test_keras3_files_are_the_keras3_layout(keras3_official):
+    import h5py
+
+    _, weights, _, _ = keras3_official
+    with h5py.File(weights, "r") as f:
+        assert "layer_names" not in f.attrs and "layers" in f  # not the Keras-2 layout
+        names = {g["vars"].attrs.get("name") for g in f["layers"].values() if "vars" in g and len(g["vars"])}
+        assert {"C3_cfe_BN", "C345_conv", "sa", "block5_conv3"} <= names
+
+
+def test_keras3_files_match_the_keras3_models_logits(keras3_official):
+    model, weights, archive, _ = keras3_official
+    rng = np.random.default_rng(2)
+    x = (rng.uniform(0, 255, (1, SIZE, SIZE, 3)) - OFFICIAL_MEANS).astype(np.float32)
+    want = np.asarray(model(x, training=False))[..., 0]
+    assert want.std() > 0.5
+    states = []
+    for path in (weights, archive):
+        ours, spec, meta = load_checkpoint(path)
+        assert spec == OFFICIAL_INPUT and meta["format"] == "keras-official"
+        with torch.no_grad():
+            got = ours(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()[:, 0]
+        diff = np.abs(got - want).max()
+        print(f"\n{path.name}: max |dlogit| vs Keras 3 = {diff:.3g}")
+        assert diff <= LOGIT_TOLERANCE
+        states.append(ours.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_keras3_and_keras2_files_of_the_same_weights_load_the_same(keras3_official, tmp_path):
+    """The Keras-3 model's weights put into the tf_keras network (layer by layer, by name; the two unnamed Dense by
+    shape) and saved as a Keras-2 .h5: both files load to identical tensors."""
+    _, weights, _, saved = keras3_official
+    keras.backend.clear_session()
+    k2 = build_official(SIZE)
+    dense3 = {tuple(a.shape for a in arrays): arrays for name, arrays in saved.items() if name.startswith("dense")}
+    for layer in k2.layers:
+        if layer.weights:
+            shapes = tuple(tuple(w.shape) for w in layer.weights)
+            layer.set_weights(dense3[shapes] if layer.name.startswith("dense") else saved[layer.name])
+    k2.save_weights(str(tmp_path / "PFA_00050.h5"))
+    a, b = load_official_h5(tmp_path / "PFA_00050.h5")[0].state_dict(), load_official_h5(weights)[0].state_dict()
+    for k, v in a.items():
+        assert torch.equal(b[k], v), k
+
+
+def test_a_keras3_archive_without_layer_names_is_read_through_its_config(keras3_official, tmp_path):
+    """Keras 3 versions before the vars groups carried their layer's name: the archive's config.json says which
+    group (conv2d, conv2d_1, ...) is which layer."""
+    import io
+    import zipfile
+
+    import h5py
+
+    _, _, archive, _ = keras3_official
+    with zipfile.ZipFile(archive) as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    weights = io.BytesIO(files["model.weights.h5"])
+    with h5py.File(weights, "r+") as f:
+        for group in f["layers"].values():
+            if "vars" in group:
+                group["vars"].attrs.pop("name", None)
+    files["model.weights.h5"] = weights.getvalue()
+    unnamed = tmp_path / "unnamed.keras"
+    with zipfile.ZipFile(unnamed, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    a, b = load_checkpoint(archive)[0].state_dict(), load_checkpoint(unnamed)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -7,8 +7,11 @@ The official layout is written here with h5py from PFANET.md's layer list, indep
 
 from __future__ import annotations
 
+import io
+import json
 import pathlib
 import urllib.error
+import zipfile
 
 import h5py
 import numpy as np
@@ -239,6 +242,81 @@ def test_truncated_h5_and_pth_files_are_refused_with_the_file_named(tmp_path, of
     pth.write_bytes(pth.read_bytes()[:1_000_000])
     with pytest.raises(WeightsError, match="cut.pth"):
         load_checkpoint(pth)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The official network saved by Keras 3 (written by hand here; tests/test_fidelity_keras.py uses Keras 3 itself)
+
+KERAS3_CLASS = {"conv": "Conv2D", "conv_nobias": "Conv2D", "bn": "BatchNorm", "dense": "Dense"}  # BatchNorm: official
+KERAS3_ORDER = {"conv": ("kernel", "bias"), "conv_nobias": ("kernel",), "dense": ("kernel", "bias"),
+                "bn": ("gamma", "beta", "moving_mean", "moving_variance")}
+
+
+def _snake(cls: str) -> str:
+    return {"Conv2D": "conv2d", "BatchNorm": "batch_norm", "Dense": "dense", "InputLayer": "input_layer",
+            "MaxPooling2D": "max_pooling2d"}[cls]
+
+
+def write_keras3(path: pathlib.Path, layers: dict, names: bool = True, archive: bool = False) -> pathlib.Path:
+    """Keras 3's layout: layers/<class in snake case>[_n]/vars/0.. in the model's layer order (trainable variables
+    first), each vars group naming its layer (current Keras 3) or not (older ones); a .keras archive adds
+    config.json, whose layer list says which group is which layer."""
+    order = [("input_1", "InputLayer")] + [(n, KERAS3_CLASS[layers[n][0]]) for n in layers] + [("pool", "MaxPooling2D")]
+    buffer = io.BytesIO()
+    with h5py.File(buffer if archive else path, "w") as f:
+        used: dict[str, int] = {}
+        for name, cls in order:
+            n = used[_snake(cls)] = used.get(_snake(cls), -1) + 1
+            v = f.create_group(f"layers/{_snake(cls)}" + (f"_{n}" if n else "")).create_group("vars")
+            if names:
+                v.attrs["name"] = name
+            if name in layers:
+                kind, _, params = layers[name]
+                for i, p in enumerate(KERAS3_ORDER[kind]):
+                    v.create_dataset(str(i), data=params[p])
+        f.create_group("vars")
+    if archive:
+        config = {"class_name": "Functional", "config": {"layers": [
+            {"class_name": cls, "config": {"name": name}} for name, cls in order]}}
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("metadata.json", json.dumps({"keras_version": "3.0.5"}))
+            z.writestr("config.json", json.dumps(config))
+            z.writestr("model.weights.h5", buffer.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("archive,names", [(False, True), (True, True), (True, False)])
+def test_keras3_files_load_like_the_keras2_file(tmp_path, official, archive, names):
+    path = write_keras3(tmp_path / ("PFA.keras" if archive else "PFA.weights.h5"), official, names, archive)
+    model, spec, meta = load_checkpoint(path)
+    assert spec == OFFICIAL_INPUT and meta["format"] == "keras-official"
+    assert_model_holds(model, official)
+
+
+def test_keras3_weights_without_layer_names_are_refused_with_the_way_out(tmp_path, official):
+    path = write_keras3(tmp_path / "old.weights.h5", official, names=False)
+    with pytest.raises(WeightsError, match=r"old.weights.h5: /layers/batch_norm does not say which layer.*\.keras"):
+        load_official_h5(path)
+
+
+def test_keras3_file_of_another_network_names_its_layers(tmp_path, official):
+    layers = variant(official, drop="C12_BN", add="mystery_conv")
+    with pytest.raises(WeightsError, match=r"missing layers \['C12_BN'\]"):
+        load_official_h5(write_keras3(tmp_path / "other.weights.h5", layers))
+    with pytest.raises(WeightsError, match=r"unexpected layers \['mystery_conv'\]"):
+        load_official_h5(write_keras3(tmp_path / "more.weights.h5", variant(official, add="mystery_conv")))
+    (tmp_path / "broken.keras").write_bytes(b"PK not really")
+    with pytest.raises(WeightsError, match="broken.keras: not a readable Keras-3 .keras archive"):
+        load_checkpoint(tmp_path / "broken.keras")
+
+
+def test_convert_cli_reads_keras3(tmp_path, official, capsys):
+    path = write_keras3(tmp_path / "PFA_00050.weights.h5", official)
+    assert main(["convert", "-q", str(path), str(tmp_path / "pfa.safetensors")]) == 0
+    assert f"{len(official)} layers matched (keras-official)" in capsys.readouterr().err
+    model, spec, _ = load_checkpoint(tmp_path / "pfa.safetensors")
+    assert spec == OFFICIAL_INPUT
+    assert_model_holds(model, official)
 
 
 # ---------------------------------------------------------------------------------------------------------------
