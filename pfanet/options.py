@@ -19,6 +19,7 @@ class PredictOptions:
         fmt: "png" or "webp".
         threshold: mask threshold 0..255 (None: adaptive).
         overwrite: redo inputs whose outputs already exist.
+        flip: average each map with its mirror image's (twice the network time; see `Predictor`).
     """
 
     weights: str | None = None
@@ -29,6 +30,7 @@ class PredictOptions:
     fmt: str = "png"
     threshold: float | None = None
     overwrite: bool = False
+    flip: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -38,4 +40,5 @@ class PredictOptions:
         """The `Predictor` these options describe (`device` overrides theirs, e.g. one GPU per local rank)."""
         from .predictor import Predictor
 
-        return Predictor(self.weights, device=device or self.device, batch_size=self.batch_size, backend=self.backend)
+        return Predictor(self.weights, device=device or self.device, batch_size=self.batch_size, backend=self.backend,
+                         flip=self.flip)

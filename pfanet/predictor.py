@@ -77,10 +77,15 @@ class Predictor:
             the CPU has VNNI or AMX and such a graph exists, else "onnxruntime"; on a GPU PyTorch with channels_last
             and bf16 autocast). Weights that are already .onnx always run on onnxruntime; a model passed in memory
             always on PyTorch. `backend` and `backend_reason` say what was chosen and why (logged too).
+        flip: average each map with the map of the horizontally flipped image (test-time augmentation; the
+            network runs on twice the images). On the shipped model: ECSSD val max F 0.8407 -> 0.8523, DUTS-TR val
+            (200) 0.8687 -> 0.8721, MAE about the same (docs/BENCHMARKS.md).
     """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | None = None, batch_size: int = 4,
-                 model: PFANet | None = None, spec: InputSpec | None = None, backend: str = "torch"):
+                 model: PFANet | None = None, spec: InputSpec | None = None, backend: str = "torch",
+                 flip: bool = False):
+        self.flip = flip
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         own = model is None
         if own:
@@ -200,7 +205,15 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Network logits for a preprocessed batch (N, 3, size, size); one caller at a time."""
+        """Network logits for a preprocessed batch (N, 3, size, size); one caller at a time. With `flip`, the
+        logits of the mean of the two probability maps (the image's and its mirror's, mirrored back)."""
+        if not self.flip:
+            return self._forward(x)
+        z = self._forward(torch.cat([x, x.flip(-1)]))
+        p = (torch.sigmoid(z[: len(x)]) + torch.sigmoid(z[len(x) :]).flip(-1)) / 2
+        return torch.logit(p, eps=1e-7)  # postprocess's sigmoid gives the mean back
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
         fast = torch.autocast("cuda", dtype=torch.bfloat16) if self.gpu_fast else contextlib.nullcontext()
         with self._lock, fast:
@@ -237,7 +250,7 @@ class Predictor:
             x = torch.stack([preprocess(im, self.spec) for im in rgbs])
         logits = self.logits(x)
         with one_thread():
-            return [postprocess(z, *im.shape[:2]) for z, im in zip(logits, rgbs)]
+            return [postprocess(z, *im.shape[:2], self.spec.pad) for z, im in zip(logits, rgbs)]
 
     def outputs(self, image: ImageInput, kinds: Sequence[str] = ("map",), threshold: float | None = None
                 ) -> dict[str, np.ndarray]:

@@ -99,14 +99,15 @@ class PFANetMapper:
         device: "cpu", "cuda", ... (default: cuda when the actor has a GPU).
         batch_size: images per forward pass.
         backend: "auto", "torch" or "onnxruntime" (see `Predictor`).
+        flip: average each map with its mirror image's (see `Predictor`).
     """
 
     def __init__(self, output: str, weights: str | None = None, kinds: Sequence[str] = ("map",), fmt: str = "png",
                  threshold: float | None = None, device: str | None = None, batch_size: int = 8,
-                 backend: str = "auto"):
+                 backend: str = "auto", flip: bool = False):
         from .predictor import Predictor
 
-        self.predictor = Predictor(weights, device=device, batch_size=batch_size, backend=backend)
+        self.predictor = Predictor(weights, device=device, batch_size=batch_size, backend=backend, flip=flip)
         self.fs, self.root = filesystem(output)
         self.kinds, self.fmt, self.threshold = tuple(kinds), fmt, threshold
 
@@ -169,7 +170,7 @@ def run(source: str, output: str, options: PredictOptions | None = None, concurr
     ds = ray.data.from_items([{"path": p, "name": n} for p, n in todo])
     mapper = {"output": output, "weights": options.weights, "kinds": options.kinds, "fmt": options.fmt,
               "threshold": options.threshold, "device": options.device, "batch_size": options.batch_size,
-              "backend": options.backend}
+              "backend": options.backend, "flip": options.flip}
     ds = ds.map_batches(PFANetMapper, batch_size=options.batch_size, batch_format="numpy", concurrency=concurrency,
                         num_gpus=num_gpus, fn_constructor_kwargs=mapper)
     written, failures = 0, []

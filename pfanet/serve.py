@@ -176,7 +176,7 @@ def create_app(predictor: Predictor, max_upload_mb: float = 20, max_pixels: int 
         """Liveness and what is loaded: the model's input convention and the server's limits."""
         return {"status": "ok", "version": __version__, "device": str(predictor.device), "backend": predictor.backend,
                 "backend_reason": predictor.backend_reason, "input": predictor.spec.to_dict(),
-                "weights": predictor.source,
+                "weights": predictor.source, "flip": predictor.flip,
                 "limits": {"max_upload_mb": max_upload_mb, "max_pixels": max_pixels, "timeout_s": timeout_s,
                            "max_queue": max_queue}}
 

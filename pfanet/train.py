@@ -6,6 +6,8 @@ A run folder holds:
                            with weights_only=True), written atomically every epoch, every `save_steps` steps, at
                            the end and on SIGINT/SIGTERM
     last.safetensors       the latest weights in our format; best.safetensors the best on validation (max F)
+                           (with a recipe `ema`, these and the epoch files hold the moving average, which is what
+                           is validated; state.pt keeps both)
     epoch_NNNN.safetensors every `save_every` epochs
     log.csv, tb/           per-epoch CSV log and TensorBoard events
 
@@ -39,7 +41,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .data import Augment, SaliencyDataset, collate, dataset_name, read_pairs
-from .loss import activity_regulariser, edge_hold_loss
+from .ema import ModelEMA
+from .loss import activity_regulariser, training_loss
 from .model import PFANet, PFANetConfig
 from .recipes import Recipe
 from .transforms import InputSpec
@@ -175,6 +178,8 @@ class Trainer:
         self.model = PFANet(PFANetConfig(dropout=recipe.dropout, norm=recipe.norm))
         if recipe.init:  # fine-tuning: every layer from a PFANet file, with the input convention it was trained on
             start, spec, _ = load_checkpoint(recipe.init)
+            # the file's network (e.g. the PyTorch port's 3x3 C345 conv, eps 1e-5) with the recipe's dropout and norm
+            self.model = PFANet(dataclasses.replace(start.config, dropout=recipe.dropout, norm=recipe.norm))
             load_state(self.model, start.state_dict(), recipe.init)
         else:
             spec = load_backbone(self.model, recipe.backbone)
@@ -187,6 +192,7 @@ class Trainer:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, recipe)
+        self.ema = ModelEMA(self.model, recipe.ema) if recipe.ema else None
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if gpu else None)
@@ -272,8 +278,16 @@ class Trainer:
         }
         if rngs[0][1] is not None:
             state["rank_cuda_rng"] = torch.stack([r[1] for r in rngs])
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         atomic_write(self.out / "state.pt", lambda tmp: torch.save(state, tmp))
-        save_checkpoint(self.out / "last.safetensors", self.model, self.spec, self.training_meta())
+        save_checkpoint(self.out / "last.safetensors", self.evaluated, self.spec, self.training_meta())
+
+    @property
+    def evaluated(self) -> PFANet:
+        """The network that is validated and written to the weights files: the moving average, if the recipe keeps
+        one, else the trained weights."""
+        return self.model if self.ema is None else self.ema.module
 
     def load_state(self, state: dict) -> None:
         path = self.out / "state.pt"
@@ -287,6 +301,8 @@ class Trainer:
                         "differently", path, state["world"], self.world)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         self.best = None if math.isnan(state["best"]) else state["best"]
@@ -357,7 +373,7 @@ class Trainer:
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with ctx:
             logits = self.net(x)
-        loss = edge_hold_loss(logits.float(), y, alpha, edge_mode=self.recipe.edge_mode)
+        loss = training_loss(logits.float(), y, alpha, self.recipe.iou, self.recipe.edge_mode)
         if self.recipe.ca_regulariser:
             loss = loss + activity_regulariser(self.model.channel_attention_weights())
         return loss
@@ -375,6 +391,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         return value, int(images)
 
     def handle_signal(self, signum, frame) -> None:
@@ -509,7 +527,7 @@ class Trainer:
         """Validate (rank 0) on each source if asked, keep best.safetensors on the first, append the row."""
         if self.main and self.val_sets and validate_now:
             for i, (name, pairs) in enumerate(self.val_sets.items()):
-                scores = validate(self.model, self.spec, pairs, self.device)
+                scores = validate(self.evaluated, self.spec, pairs, self.device)
                 prefix = "val" if i == 0 else name
                 row.update({f"{prefix}_mae": scores["mae"], f"{prefix}_maxF": scores["maxF"]})
                 log.info("epoch %.2f (%d images): %s MAE %.4f  max F %.4f", row["epoch"], row["images"], name,
@@ -517,11 +535,11 @@ class Trainer:
             meta = {**self.training_meta(), "val_scores": {"mae": row["val_mae"], "maxF": row["val_maxF"]}}
             if self.best is None or row["val_maxF"] > self.best:
                 self.best = row["val_maxF"]
-                save_checkpoint(self.out / "best.safetensors", self.model, self.spec, meta)
+                save_checkpoint(self.out / "best.safetensors", self.evaluated, self.spec, meta)
             # Max F ranks pixels, MAE also weighs calibration; the two bests can be different checkpoints.
             if self.best_mae is None or row["val_mae"] < self.best_mae:
                 self.best_mae = row["val_mae"]
-                save_checkpoint(self.out / "best_mae.safetensors", self.model, self.spec, meta)
+                save_checkpoint(self.out / "best_mae.safetensors", self.evaluated, self.spec, meta)
         if self.main:
             self.append_log(row, writer)
 
@@ -532,7 +550,7 @@ class Trainer:
         row = self.row(lr, alpha, total)
         self.log_row(row, writer, self.epoch % self.opts.val_every == 0 or self.epoch == self.recipe.epochs)
         if self.main and self.epoch % self.opts.save_every == 0:
-            save_checkpoint(self.out / f"epoch_{self.epoch:04d}.safetensors", self.model, self.spec,
+            save_checkpoint(self.out / f"epoch_{self.epoch:04d}.safetensors", self.evaluated, self.spec,
                             self.training_meta())
         self.save_state()
 

@@ -15,7 +15,7 @@ from pfanet.cli import build_parser, main, predict_options
 from pfanet.options import PredictOptions
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = ["--weights", "w.safetensors", "--device", "cpu", "--backend", "torch", "--batch-size", "3",
+SHARED = ["--weights", "w.safetensors", "--device", "cpu", "--backend", "torch", "--flip", "--batch-size", "3",
           "--outputs", "map,cutout", "--threshold", "128", "--format", "webp", "--overwrite"]
 
 
@@ -31,15 +31,16 @@ def test_version(capsys):
                                      ["predict-ray", "--input", "x", "--output", "out"]])
 def test_prediction_commands_share_one_set_of_options(command):
     options = predict_options(build_parser().parse_args(command + SHARED))
-    assert options == PredictOptions("w.safetensors", "cpu", "torch", 3, ("map", "cutout"), "webp", 128.0, True)
+    assert options == PredictOptions("w.safetensors", "cpu", "torch", 3, ("map", "cutout"), "webp", 128.0, True,
+                                     flip=True)
 
 
 def test_defaults_and_serve():
     parser = build_parser()
     assert predict_options(parser.parse_args(["predict", "x.jpg"])) == PredictOptions()
     assert predict_options(parser.parse_args(["predict-ray", "--input", "x", "--output", "y"])).batch_size == 8
-    serve = predict_options(parser.parse_args(["serve", *SHARED[:6]]))  # the model's options only
-    assert serve == PredictOptions("w.safetensors", "cpu", "torch")
+    serve = predict_options(parser.parse_args(["serve", *SHARED[:7]]))  # the model's options only
+    assert serve == PredictOptions("w.safetensors", "cpu", "torch", flip=True)
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--outputs", "map"])
     assert predict_options(parser.parse_args(["predict", "x.jpg", "--edges"])).kinds == ("map", "edge")

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pfanet.loss import activity_regulariser, edge_hold_loss, edge_loss, laplace_edges, saliency_loss
+from pfanet.loss import (
+    activity_regulariser,
+    edge_hold_loss,
+    edge_loss,
+    iou_loss,
+    laplace_edges,
+    saliency_loss,
+    training_loss,
+)
 from pfanet.model import PFANet, PFANetConfig
 from pfanet.transforms import edge_map
 
@@ -176,6 +184,63 @@ def test_edge_hold_loss_on_a_random_batch_matches_numpy():
     y = (rng.random((2, 6, 5)) > 0.6).astype(np.float64)
     got = edge_hold_loss(torch.from_numpy(z)[:, None], torch.from_numpy(y)[:, None], alpha=0.7).item()
     assert got == pytest.approx(numpy_edge_hold_loss(z, y, 0.7), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The IoU terms (a recipe option, not the paper's): BASNet's soft IoU and F3Net's structure loss, against numpy
+
+
+def numpy_iou(s: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    inter = (s * y * w).sum(axis=(1, 2))
+    union = ((s + y) * w).sum(axis=(1, 2)) - inter
+    return float(np.mean(1 - (inter + 1) / (union + 1)))
+
+
+def numpy_boundary_weights(y: np.ndarray) -> np.ndarray:
+    """1 + 5 |mean of the 31x31 window around each pixel (zeros outside, divided by 961) - y|."""
+    p = np.pad(y, ((0, 0), (15, 15), (15, 15)))
+    h, w = y.shape[1:]
+    local = np.stack([p[:, i : i + 31, j : j + 31].sum(axis=(1, 2)) / 961 for i in range(h) for j in range(w)], 1)
+    return 1 + 5 * np.abs(local.reshape(y.shape) - y)
+
+
+@pytest.fixture
+def random_batch():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 3, (2, 9, 7))
+    y = (rng.random((2, 9, 7)) > 0.6).astype(np.float64)
+    return z, y, torch.from_numpy(z)[:, None], torch.from_numpy(y)[:, None]
+
+
+def test_soft_iou_adds_one_minus_iou_per_image(random_batch):
+    z, y, zt, yt = random_batch
+    s = 1 / (1 + np.exp(-z))
+    want = numpy_edge_hold_loss(z, y, 0.7) + numpy_iou(s, y, np.ones_like(y))
+    assert training_loss(zt, yt, 0.7, iou="soft").item() == pytest.approx(want, rel=1e-9)
+    assert training_loss(zt, yt, 0.7, iou="none").item() == pytest.approx(numpy_edge_hold_loss(z, y, 0.7), rel=1e-9)
+
+
+def test_structure_loss_weights_pixels_near_the_boundary(random_batch):
+    z, y, zt, yt = random_batch
+    s, w = 1 / (1 + np.exp(-z)), numpy_boundary_weights(y)
+    bce = -(1.12 * y * np.log(s) + (1 - y) * np.log(1 - s))
+    weighted_bce = np.mean((bce * w).sum(axis=(1, 2)) / w.sum(axis=(1, 2)))
+    edge_only = numpy_edge_hold_loss(z, y, 0.0)
+    want = 0.7 * weighted_bce + 0.3 * edge_only + numpy_iou(s, y, w)
+    assert training_loss(zt, yt, 0.7, iou="structure").item() == pytest.approx(want, rel=1e-9)
+
+
+def test_iou_of_a_perfect_and_an_empty_prediction():
+    y = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    y[..., 2:6, 2:6] = 1
+    assert iou_loss(torch.where(y > 0, 40.0, -40.0), y).item() == pytest.approx(0, abs=1e-9)
+    assert iou_loss(torch.full_like(y, -40.0), y).item() == pytest.approx(16 / 17, rel=1e-9)  # 1 - 1/17
+    assert iou_loss(torch.full_like(y, -40.0), torch.zeros_like(y)).item() == pytest.approx(0, abs=1e-9)
+
+
+def test_unknown_iou_mode_is_an_error():
+    with pytest.raises(ValueError, match="iou must be one of"):
+        training_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), iou="dice")
 
 
 # ---------------------------------------------------------------------------------------------------------------

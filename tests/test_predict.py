@@ -83,6 +83,28 @@ def test_batches_equal_one_by_one(predictor, images):
         assert_close_maps(m, predictor.predict(path))
 
 
+def test_flip_averages_the_probabilities_of_the_image_and_its_mirror(weights, images, capsys, tmp_path):
+    rgb = rgb_of(images[0])
+    h = min(rgb.shape[:2])
+    square = np.ascontiguousarray(rgb[:h, :h])  # a square image: the padding cannot break the mirror symmetry
+    plain = Predictor(weights, device="cpu", backend="torch")
+    flipped = Predictor(weights, device="cpu", backend="torch", flip=True)
+    # the mean of the two probability maps, worked out here from the plain predictor's logits
+    from pfanet.transforms import postprocess, preprocess
+
+    x = preprocess(square, plain.spec)[None]
+    probs = (torch.sigmoid(plain.logits(x)) + torch.sigmoid(plain.logits(x.flip(-1))).flip(-1)) / 2
+    want = postprocess(torch.logit(probs[0], eps=1e-7), h, h)
+    got = flipped.predict(square)
+    assert_close_maps(got, want)
+    assert np.abs(got.astype(int) - plain.predict(square).astype(int)).max() > 2  # the average is not the plain map
+    assert_close_maps(flipped.predict(square[:, ::-1].copy())[:, ::-1], got)  # a mirrored photo: the mirrored map
+    status, err = run(capsys, "predict", images[0], "-o", tmp_path, "--weights", weights, "--backend", "torch",
+                      "--flip", "--no-progress")
+    assert status == 0, err
+    assert_close_maps(read(tmp_path / f"{pathlib.Path(images[0]).stem}.png"), flipped.predict(images[0]))
+
+
 def test_concurrent_callers_get_their_own_results(predictor, images):
     expected = [predictor.predict(p) for p in images]
     results: dict[int, np.ndarray] = {}

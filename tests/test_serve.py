@@ -67,7 +67,7 @@ def test_health(url):
     r = httpx.get(url + "/health")
     assert r.status_code == 200
     body = r.json()
-    assert body["status"] == "ok" and body["input"]["size"] == 64
+    assert body["status"] == "ok" and body["input"]["size"] == 64 and body["flip"] is False
     assert body["limits"]["max_upload_mb"] == MAX_UPLOAD_MB and body["limits"]["max_pixels"] == MAX_PIXELS
 
 

@@ -139,8 +139,8 @@ def test_overrides():
     assert paper.override(batch_size=None) == paper  # None keeps
     changed = paper.override(batch_size=4, momentum=0.5, weight_decay=1e-4, dropout=False, norm="batch",
                              edge_mode="abs", backbone="hed", freeze_blocks=2, augment=False, saturation=True,
-                             ca_regulariser=False, size=64, lr_decay="cosine")
-    assert len(paper.differences(changed)) == 13
+                             ca_regulariser=False, size=64, lr_decay="cosine", iou="structure")
+    assert len(paper.differences(changed)) == 14
     for bad in ({"size": 100}, {"alpha": 1.5}, {"epochs": 0}, {"lr_decay": "step"}, {"freeze_blocks": 6},
                 {"stages": "10:1.0"}, {"batch_size": 0}):
         with pytest.raises(ValueError):
@@ -346,14 +346,14 @@ def test_loss_falls_on_real_pairs(tmp_path, ecssd_pairs):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, ecssd_pairs, monkeypatch):
     data = write_list(tmp_path / "train.txt", ecssd_pairs(4))
-    real, calls = pfanet.train.edge_hold_loss, []
+    real, calls = pfanet.train.training_loss, []
 
     def nan_on_third_call(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(pfanet.train, "edge_hold_loss", nan_on_third_call)
+    monkeypatch.setattr(pfanet.train, "training_loss", nan_on_third_call)
     with pytest.raises(TrainingStopped, match="at epoch 2 step 1;"):
         Trainer(tiny_recipe(), options(data, tmp_path / "run")).run()
     state = load_state(tmp_path / "run")
@@ -529,3 +529,44 @@ def test_cpu_duts_192_continues_cpu_duts_changing_only_its_schedule():
     assert sorted(c.split(":")[0] for c in changed) == ["name", "size", "size_schedule", "stages"]
     second = RECIPES["cpu-duts-192"]
     assert second.size_at(0) == second.size_at(1) == 192 and second.stage(1).alpha == 0.7
+
+
+def test_the_campaign_recipe_is_cpu_duts_192_plus_the_iou_term_for_longer():
+    # continues the shipped model (--init): the same network, data handling and optimizer; what differs is the loss's
+    # IoU term and the schedule's length. The paper's recipes keep the paper's loss.
+    changed = RECIPES["cpu-duts-192"].differences(RECIPES["cpu-duts-iou"])
+    assert sorted(c.split(":")[0] for c in changed) == ["iou", "name", "stages"]
+    assert RECIPES["cpu-duts-iou"].iou == "soft"
+    assert RECIPES["paper"].iou == RECIPES["official"].iou == "none"
+    with pytest.raises(ValueError, match="iou 'dice' is not one of"):
+        RECIPES["cpu-duts"].override(iou="dice")
+
+
+def test_ema_is_validated_and_written_and_resumes_exactly(tmp_path, ecssd_pairs):
+    from pfanet.ema import ModelEMA
+
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(4))
+    recipe = tiny_recipe(ema=0.5, epochs=1)  # 2 steps: ema = w0/4 + w1/4 + w2/2
+    trainer = Trainer(recipe, options(data, tmp_path / "whole"))
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    after = []
+    step = trainer.train_step
+    trainer.train_step = lambda *a: (step(*a), after.append({k: v.clone() for k, v in trainer.model.state_dict()
+                                                              .items()}))[0]
+    trainer.run()
+    name = "fusion.weight"
+    want = start[name] / 4 + after[0][name] / 4 + after[1][name] / 2
+    torch.testing.assert_close(trainer.ema.module.state_dict()[name], want)
+    written, _ = read_checkpoint(tmp_path / "whole" / "last.safetensors")
+    torch.testing.assert_close(written[name], want)  # the weights files hold the average, not the raw weights
+    assert not torch.equal(written[name], after[1][name])
+    # stopped after one step and resumed: the same average as the uninterrupted run
+    Trainer(recipe, options(data, tmp_path / "split", max_steps=1)).run()
+    assert "ema" in load_state(tmp_path / "split")
+    Trainer(recipe, options(data, tmp_path / "split", resume=True)).run()
+    resumed = load_state(tmp_path / "split")["ema"]
+    assert all(torch.equal(resumed[k], v) for k, v in trainer.ema.state_dict().items())
+    with pytest.raises(ValueError, match="decay must be in"):
+        ModelEMA(trainer.model, 1.0)
+    with pytest.raises(ValueError, match="ema 1.5 is outside"):
+        tiny_recipe(ema=1.5)

@@ -3,6 +3,9 @@
     python tools/ship_model.py /work/runs/cpu-duts/best.safetensors --run /work/runs/cpu-duts \
         --status "..." -o pfanet/weights/pfanet_duts.safetensors
 
+`--size` and `--precise-bn N` apply what tools/select_model.py chose: the input size the model predicts at, and its
+BatchNorm statistics re-estimated on N evenly spaced DUTS-TR train images at that size (pfanet.precise_bn).
+
 The metadata keeps the checkpoint's own training record (recipe, epoch, seed, data lists) and adds: the run's
 validation log (every epoch's val MAE / max F from log.csv), the record of the checkpoint it was fine-tuned from
 (recipe `init`), what it was selected on, and a status line. fp16 halves the file (about 33 MB); predictions upcast.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import pathlib
 import sys
 import tempfile
@@ -80,6 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--selected-on", default="max F on the run's first validation source (best.safetensors)",
                     help="how the checkpoint was chosen (stored in the metadata)")
     ap.add_argument("-o", "--out")
+    ap.add_argument("--size", type=int, help="the input size to predict at (default: the checkpoint's)")
+    ap.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                    help="re-estimate BatchNorm statistics on N DUTS-TR train images at that size (default 0: no)")
     ap.add_argument("--calibration", type=pathlib.Path, default=CALIBRATION,
                     help=f"INT8 calibration images: a training list file or folder (default {CALIBRATION})")
     ap.add_argument("--calibration-count", type=int, default=32, help="the first N of them (default 32)")
@@ -94,6 +101,15 @@ def main(argv=None) -> int:
 
     model, spec, meta = load_checkpoint(args.checkpoint)
     training = dict(meta.get("training", {}))
+    if args.size:
+        spec = dataclasses.replace(spec, size=args.size)
+    if args.precise_bn:
+        from select_model import bn_pairs  # the one definition of which training images precise BN uses
+
+        from pfanet.precise_bn import recompute_bn_statistics
+
+        recompute_bn_statistics(model, spec, bn_pairs(args.precise_bn))
+    training["inference"] = {"size": spec.size, "precise_bn_images": args.precise_bn}
     init = training.get("recipe", {}).get("init")
     if init:
         training["init_training"] = load_checkpoint(init)[2].get("training", {})

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The default model's long CPU run (recipe cpu-duts on DUTS-TR train, validated on 200 DUTS-TR val pairs and ECSSD
-# val), in the background; it resumes the run when its folder holds a state.pt. Usage:
-#   tools/train_default.sh [RUN_FOLDER]            (default /work/runs/cpu-duts; log in RUN_FOLDER/train.log)
+# The default model's long CPU run (since 2026-12 the campaign, recipe cpu-duts-iou, from the shipped model, on
+# DUTS-TR train, validated on 200 DUTS-TR val pairs and ECSSD val), in the background; it resumes the run when its
+# folder holds a state.pt, and otherwise starts it from the shipped weights (copied into the folder first). Usage:
+#   tools/train_default.sh [RUN_FOLDER]            (default /work/runs/cpu-duts-iou; log in RUN_FOLDER/train.log)
 #   tools/train_default.sh stop [RUN_FOLDER]       (SIGTERM to its processes: each finishes its step, state.pt is
 #                                                   written, they exit; run this script again to resume)
-#   INIT=pfanet/weights/pfanet_duts.safetensors tools/train_default.sh   (run folder lost: start from shipped weights)
-#   NICE=0 VAL_STEPS=150 tools/train_default.sh   (priority; validation every N steps, a mechanics option: changes on resume)
-#   RESCHEDULE=1 tools/train_default.sh            (resume onto cpu-duts' schedule as pfanet/recipes.py now defines it,
-#                                                   or onto another PROCS: the batch per process follows)
+#   INIT=FILE tools/train_default.sh               (a new run starts from FILE; default the shipped weights; INIT=
+#                                                   (empty) starts a recipe that needs none, e.g. cpu-duts, from HED)
+#   NICE=0 VAL_STEPS=150 tools/train_default.sh   (priority; validation every N steps (default 1250, about 30 minutes
+#                                                   at 5.5 images/s), a mechanics option: may change on resume)
+#   RESCHEDULE=1 tools/train_default.sh            (resume onto the recipe's schedule as pfanet/recipes.py now defines
+#                                                   it, or onto another PROCS: the batch per process follows)
 #   PROCS=1 tools/train_default.sh                 (one process of 8 images a step instead of two of 4)
 #   CACHE=0 tools/train_default.sh                 (decode every step instead of keeping DUTS-TR decoded in memory)
 #   BF16=0 tools/train_default.sh                  (no bf16 autocast/channels_last; default: on where the CPU has
 #                                                   AVX512_BF16 or AMX, BF16=1 forces it)
-#   RECIPE=cpu-duts-192 INIT=RUN/epoch_0004.safetensors tools/train_default.sh /work/runs/cpu-duts-192
-#                                                  (another recipe: the default model's second phase)
+#   RECIPE=cpu-duts INIT= tools/train_default.sh /work/runs/cpu-duts   (another recipe in its own folder: a resume
+#                                                  names the recipe the run was started with, or it refuses)
 # Starting or resuming, it returns once the run has logged "started"/"resumed" and stayed up 30 s more, and fails
 # with the log's tail otherwise.
 # PROCS (default 2): processes under torchrun, one thread each, each taking 8/PROCS images of a step -- on two cores
@@ -22,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == stop ]]; then
-  RUN=${2:-/work/runs/cpu-duts}
+  RUN=${2:-/work/runs/cpu-duts-iou}
   pids=()
   for pid in $(pgrep -f "pfanet train .*-o $RUN" || true); do  # the training processes, not torchrun's agent
     grep -q torchrun "/proc/$pid/cmdline" 2>/dev/null || pids+=("$pid")
@@ -33,18 +36,21 @@ if [[ "${1:-}" == stop ]]; then
   grep "stopped by signal" "$RUN/train.log" | tail -1
   exit 0
 fi
-RUN=${1:-/work/runs/cpu-duts}
+RUN=${1:-/work/runs/cpu-duts-iou}
 DATA=${DATA:-../shared/data}
 PROCS=${PROCS:-2}
 mkdir -p "$RUN"
-args=(train --recipe "${RECIPE:-cpu-duts}" --data "$DATA/duts-tr/train.txt" --val "$DATA/duts-tr/val.txt" "$DATA/ecssd/val.txt"
-      --val-limit 200 --val-steps "${VAL_STEPS:-600}" --save-steps 100 --save-every 1 --workers 1 --no-progress
+args=(train --recipe "${RECIPE:-cpu-duts-iou}" --data "$DATA/duts-tr/train.txt" --val "$DATA/duts-tr/val.txt" "$DATA/ecssd/val.txt"
+      --val-limit 200 --val-steps "${VAL_STEPS:-1250}" --save-steps 100 --save-every 1 --workers 1 --no-progress
       --batch-size $((8 / PROCS)) -o "$RUN")
 if [[ -f "$RUN/state.pt" ]]; then
   args+=(--resume); what=resumed
   if [[ -n "${RESCHEDULE:-}" ]]; then args+=(--reschedule); what="resumed and rescheduled"; fi
-elif [[ -n "${INIT:-}" ]]; then
-  args+=(--init "$INIT"); what="started from $INIT"
+elif [[ -n "${INIT-pfanet/weights/pfanet_duts.safetensors}" ]]; then
+  INIT=${INIT-pfanet/weights/pfanet_duts.safetensors}
+  # a copy in the run folder: the run then resumes even after the shipped file it started from has been replaced
+  cp "$INIT" "$RUN/init.safetensors"
+  args+=(--init "$RUN/init.safetensors"); what="started from $INIT"
 else
   what=started
 fi
