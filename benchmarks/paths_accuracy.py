@@ -32,7 +32,8 @@ from pfanet.data import read_list_file
 from pfanet.evaluate import SODMetrics, fit_to_mask
 from pfanet.export import calibration_images
 from pfanet.io import load_image, load_mask
-from pfanet.predictor import DEFAULT_WEIGHTS, Predictor, file_sha256
+from pfanet.predictor import DEFAULT_WEIGHTS, Predictor
+from pfanet.runtime import file_sha256
 from pfanet.weights import load_checkpoint
 
 

@@ -19,7 +19,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from pfanet.predictor import Predictor, onnx_cache_dir
+from pfanet.predictor import Predictor
+from pfanet.runtime import onnx_cache_dir
 
 
 def peak_mib() -> float:

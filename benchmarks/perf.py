@@ -208,7 +208,8 @@ def build_paths(names: list[str], weights: pathlib.Path, size: int, work: pathli
     `timings` (when given) receives each path's one-off cost (export, quantisation, compilation happens at the first
     call and is timed there).
     """
-    from pfanet.export import OnnxNetwork, export_onnx, plan_export, quantize_onnx
+    from pfanet.export import export_onnx, plan_export, quantize_onnx
+    from pfanet.runtime import OnnxNetwork
     from pfanet.weights import load_checkpoint
 
     model, spec, meta = load_checkpoint(weights)
@@ -238,7 +239,7 @@ def build_paths(names: list[str], weights: pathlib.Path, size: int, work: pathli
             elif name == "u2netp":
                 paths[name] = U2NetPNetwork(threads)
             elif name == "int8-shipped":
-                from pfanet.predictor import file_sha256, find_int8_graph, int8_path
+                from pfanet.runtime import file_sha256, find_int8_graph, int8_path
 
                 graph = find_int8_graph(weights, file_sha256(weights))
                 if graph is None:
@@ -317,13 +318,14 @@ def bench_inference(paths: dict[str, nn.Module | str], batches: dict[int, torch.
 # Training, memory, evaluation
 
 
-def bench_training(weights: pathlib.Path, data: pathlib.Path, size: int, settings: Settings, work: pathlib.Path,
+def bench_training(weights: pathlib.Path, data: pathlib.Path, size: int, settings: Settings,
                    variants: list[str]) -> dict:
     """Seconds per image of one optimizer step (batch 8) with the cpu-ecssd-ft recipe, blocks 1-3 frozen, through
-    `pfanet.train.Trainer.train_step`: eager NCHW, channels_last and torch.compile, interleaved."""
-    from pfanet.data import collate
+    `pfanet.training.TrainStep` (the step `pfanet train` runs), built from the recipe: eager NCHW, channels_last and
+    torch.compile, interleaved."""
+    from pfanet.data import collate, read_pairs
     from pfanet.recipes import RECIPES
-    from pfanet.train import Trainer, TrainOptions
+    from pfanet.training import TrainStep, build_model, make_optimizer, training_dataset
 
     if not (data / "train.txt").is_file():
         return {"error": f"no {data}/train.txt"}
@@ -332,20 +334,21 @@ def bench_training(weights: pathlib.Path, data: pathlib.Path, size: int, setting
     # ("cannot determine truth value of Relational: 4*s77*((s0//4)) < s77", torch 2.13).
     torch._dynamo.reset()
     recipe = RECIPES["cpu-ecssd-ft"].override(init=str(weights), size=size)
-    flags = {"eager": {}, "channels_last": {"channels_last": True}, "compile": {"compile": True}}
     trainers, result = {}, {"recipe": recipe.name, "size": size, "batch": recipe.batch_size,
                             "freeze_blocks": recipe.freeze_blocks, "rows": []}
     batch = None
     for name in variants:
-        opts = TrainOptions(train=[str(data / "train.txt")], out=str(work / f"train-{name}"), workers=0,
-                            limit=recipe.batch_size, device="cpu", progress=False, bf16=False,
-                            **{"channels_last": False, **flags[name]})
-        trainer = Trainer(recipe, opts)
-        trainer.model.train()
-        if batch is None:
-            x, y, _ = collate([trainer.dataset[i] for i in range(recipe.batch_size)])
-            batch = (x, y)
-        step = functools.partial(trainer.train_step, *batch, recipe.stage(0).alpha)
+        if name not in ("eager", "channels_last", "compile"):
+            raise ValueError(f"training path {name!r}: expected eager, channels_last or compile")
+        channels_last = name == "channels_last"
+        model, spec = build_model(recipe, channels_last=channels_last)
+        model.train()
+        if batch is None:  # the recipe's first training samples (augmented as in training), the same for every path
+            dataset = training_dataset(read_pairs(data / "train.txt")[: recipe.batch_size], recipe, spec)
+            batch = collate([dataset[i] for i in range(recipe.batch_size)])[:2]
+        train_step = TrainStep(model, make_optimizer(model, recipe), recipe, channels_last=channels_last,
+                               net=torch.compile(model) if name == "compile" else model)
+        step = functools.partial(train_step, *batch, recipe.stage(0).alpha)
         try:
             trainers[name] = (step, time_call(step))  # torch.compile compiles here
         except Exception as e:  # noqa: BLE001  (reported in the results)
@@ -597,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             res["inference"] = bench_inference(paths, batches, settings, u2)
             res["calibration_images"] = len(calib)
         if "training" in sections:
-            res["training"] = bench_training(weights, data, args.train_size, settings, work,
+            res["training"] = bench_training(weights, data, args.train_size, settings,
                                              [p for p in args.train_paths.split(",") if p])
         if "rss" in sections:
             w, h = (int(v) for v in args.photo_size.lower().split("x"))

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import tempfile
 
 from torch.profiler import ProfilerActivity, profile
 
-from pfanet.data import collate
+from pfanet.data import collate, read_pairs
 from pfanet.recipes import RECIPES
-from pfanet.train import Trainer, TrainOptions
+from pfanet.training import TrainStep, build_model, make_optimizer, training_dataset
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "ecssd"
 
@@ -30,15 +29,14 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
     recipe = RECIPES["cpu-ecssd-ft"].override(size=args.size)
-    with tempfile.TemporaryDirectory() as out:
-        opts = TrainOptions(train=[str(DATA / "train.txt")], out=out, workers=0, limit=recipe.batch_size,
-                            device="cpu", progress=False, bf16=False, channels_last=args.channels_last)
-        trainer = Trainer(recipe, opts)
-        trainer.model.train()
-        x, y, _ = collate([trainer.dataset[i] for i in range(recipe.batch_size)])
-        trainer.train_step(x, y, 1.0)  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            trainer.train_step(x, y, 1.0)
+    model, spec = build_model(recipe, channels_last=args.channels_last)  # from the HED backbone, as the recipe
+    model.train()
+    step = TrainStep(model, make_optimizer(model, recipe), recipe, channels_last=args.channels_last)
+    dataset = training_dataset(read_pairs(DATA / "train.txt")[: recipe.batch_size], recipe, spec)
+    x, y, _ = collate([dataset[i] for i in range(recipe.batch_size)])
+    step(x, y, 1.0)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(x, y, 1.0)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     print(f"one training step, batch {recipe.batch_size}, {args.size}x{args.size}, "

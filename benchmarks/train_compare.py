@@ -33,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pfanet.data import read_pairs
 from pfanet.ema import ModelEMA
 from pfanet.recipes import RECIPES
-from pfanet.train import Trainer, TrainOptions, evenly_spaced, validate
+from pfanet.training import Callback, Trainer, TrainOptions, evenly_spaced, validate
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 FIELD_TYPES = {f: type(v) for f, v in RECIPES["cpu-duts"].to_dict().items()}
@@ -62,32 +62,33 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
-def timed(step, ends: list[float], ema: EMA | None = None):
-    """train_step, noting when each step ends (data waits between steps count: they are the run's real pace), and
-    updating the moving averages after it."""
-    def wrapper(*args, **kw):
-        result = step(*args, **kw)
-        ends.append(time.perf_counter())
-        if ema is not None:
-            ema.update()
-        return result
-    return wrapper
+class StepEnds(Callback):
+    """Notes when each optimizer step ends (data waits between steps count: they are the run's real pace)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_train_step(self, trainer, loss, images) -> None:
+        self.ends.append(time.perf_counter())
 
 
 def quality(scores: dict) -> str:
     return "  ".join(f"{k} MAE {s['mae']:.4f} max F {s['maxF']:.4f}" for k, s in scores.items())
 
 
-class EMA:
-    """Moving averages of a model's weights, one per decay (pfanet.ema), updated after each step and scored beside
-    the raw weights (what a recipe's `ema` would validate and ship)."""
+class EMA(Callback):
+    """Moving averages of the trained weights, one per decay (pfanet.ema), from the run's start, updated after each
+    step and scored beside the raw weights (what a recipe's `ema` would validate and ship)."""
 
-    def __init__(self, model: torch.nn.Module, decays: list[float]):
-        self.model, self.averages = model, {d: ModelEMA(model, d) for d in decays}
+    def __init__(self, decays: list[float]):
+        self.decays, self.averages = decays, {}
 
-    def update(self) -> None:
+    def on_fit_start(self, trainer) -> None:
+        self.averages = {d: ModelEMA(trainer.model, d) for d in self.decays}
+
+    def on_train_step(self, trainer, loss, images) -> None:
         for avg in self.averages.values():
-            avg.update(self.model)
+            avg.update(trainer.model)
 
     def scored(self, score) -> dict[float, dict]:
         """score(model) of each average."""
@@ -131,11 +132,11 @@ def main(argv=None) -> int:
                                 channels_last=mechanics.get("channels_last", False), bf16=mechanics.get("bf16", False),
                                 compile=mechanics.get("compile", False), seed=mechanics.get("seed"),
                                 limit=steps * recipe.batch_size if args.speed_only else None, progress=False)
-            trainer = Trainer(recipe, opts)
-            ends: list[float] = []
-            ema = EMA(trainer.model, args.ema) if args.ema and not args.speed_only else None
-            trainer.train_step = timed(trainer.train_step, ends, ema)
+            step_ends = StepEnds()
+            ema = EMA(args.ema) if args.ema and not args.speed_only else None
+            trainer = Trainer(recipe, opts, callbacks=[step_ends, *([ema] if ema else [])])
             trainer.run()
+            ends = step_ends.ends
             if trainer.stopped_by:  # Ctrl-C / SIGTERM stops the comparison, not just this variant
                 return 128 + trainer.stopped_by
             if len(ends) < 3:

@@ -380,6 +380,34 @@ def parse_method(spec: str) -> tuple[str, pathlib.Path]:
     return p.resolve().name, p
 
 
+def methods_by_name(specs: Iterable[str]) -> dict[str, pathlib.Path]:
+    """"NAME=DIR" or "DIR" specs (`parse_method`) -> {method name: folder of its maps}; two of one name are an
+    error."""
+    from .data import DataError
+
+    methods = {}
+    for spec in specs:
+        name, folder = parse_method(spec)
+        if name in methods:
+            raise DataError(f"two methods are both named {name!r} (name them: NAME=DIR)")
+        methods[name] = folder
+    return methods
+
+
+def datasets_by_name(sources: Iterable[str | os.PathLike], limit: int | None = None) -> dict[str, list[tuple]]:
+    """List files or benchmark folders -> {dataset name (`pfanet.data.dataset_name`): its first `limit` (image,
+    mask) pairs}; two of one name are an error."""
+    from .data import DataError, dataset_name, read_pairs
+
+    datasets = {}
+    for source in sources:
+        name = dataset_name(source)
+        if name in datasets:
+            raise DataError(f"two datasets are both named {name!r}")
+        datasets[name] = read_pairs(source)[:limit]
+    return datasets
+
+
 def evaluate_folders(methods: dict[str, str | os.PathLike], masks: str | os.PathLike, dataset: str | None = None,
                      workers: int = 2, progress: bool = True, metrics: Sequence[str] = METRICS) -> Report:
     """Score folders of maps, one per method, against one set of masks, paired by file stem.

@@ -1,9 +1,11 @@
-"""ONNX export, and onnxruntime standing in for the PyTorch network behind `Predictor.logits`.
+"""ONNX export: the graph of a network, its metadata, and its INT8 form. This module writes graphs; running them
+(onnxruntime, the cache, the check against PyTorch) is `pfanet.runtime`'s, and `pfanet export` as a whole is
+`pfanet.export_weights.export_weights`.
 
 The exported graph is the network alone: pre- and post-processing stay in `pfanet.transforms`, and the input
 convention the graph expects (channel order, mean, std, size) is stored in the model's metadata_props, so any
-consumer can reproduce it. `Predictor(weights="model.onnx")` reads that metadata and runs the same pipeline with
-onnxruntime in place of PyTorch.
+consumer can reproduce it. `Predictor(weights="model.onnx")` reads that metadata (`parse_metadata`) and runs the same
+pipeline with onnxruntime in place of PyTorch.
 
 Two variants change what the graph itself does:
 - `output="probability"` appends the sigmoid (for runtimes that want maps, not logits);
@@ -17,16 +19,15 @@ real images through `pfanet.transforms.preprocess`); it keeps the metadata, so `
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
 import logging
 import os
 import pathlib
-import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -34,8 +35,9 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
+from .io import atomic_write
 from .transforms import IMAGENET_INPUT, InputSpec, normalise, resize
-from .weights import WeightsError, atomic_write
+from .weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,6 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 17
 INT8_FORMATS = ("qdq", "qoperator")  # onnxruntime QuantFormat.QDQ / QuantFormat.QOperator
 DEFAULT_CALIBRATION_COUNT = 32
-# The check of a graph against PyTorch (`pfanet export`; the auto path's cache, once, on one small image): max |logit|
-# difference. Both exporters measured ~4e-6 on this network.
-PARITY_TOLERANCE = 1e-4
-PARITY_SIZE = 64
 # rembg's u2net sessions (session_simple.py): RGB resized to 320 x 320 (LANCZOS, aspect ratio not kept), divided by
 # the image's maximum (255 for ordinary photos), then ImageNet mean/std. In 0..255 units that is this InputSpec.
 REMBG_INPUT = dataclasses.replace(IMAGENET_INPUT, size=320)
@@ -233,17 +231,6 @@ def example_batch(spec: InputSpec, n: int, seed: int = 0) -> np.ndarray:
     return np.stack([normalise(p, spec) for p in pixels])
 
 
-def check_parity(plan: ExportPlan, path: str | os.PathLike, n: int = 2, size: int | None = None) -> float:
-    """Max |difference| between onnxruntime on `path` and PyTorch on `plan.network`, for n random images (of `size`,
-    default the graph's input size; a graph with a fixed size needs that one)."""
-    x = example_batch(dataclasses.replace(plan.input_spec, size=size or plan.input_spec.size), n, seed=1)
-    session = OnnxNetwork.session_for(path, torch.device("cpu"))
-    got = session.run(None, {session.get_inputs()[0].name: x})[0]
-    with torch.inference_mode():
-        want = plan.network(torch.from_numpy(x)).numpy()
-    return float(np.abs(got - want).max())
-
-
 def calibration_images(source: str | os.PathLike, count: int = DEFAULT_CALIBRATION_COUNT) -> list[pathlib.Path]:
     """The first `count` images of a list file ("image mask" per line), a benchmark folder or a folder of images."""
     from .data import DataError, find_folder_pairs, read_pairs
@@ -261,7 +248,7 @@ def calibration_images(source: str | os.PathLike, count: int = DEFAULT_CALIBRATI
 
 def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, images: list[str | os.PathLike], *,
                   per_channel: bool = True, reduce_range: bool = True, quant_format: str = "qdq",
-                  progress: bool = True, cache: bool = True) -> pathlib.Path:
+                  progress: bool = True) -> pathlib.Path:
     """Statically quantise an exported graph to INT8 with onnxruntime; returns the path written.
 
     Activations become uint8 and weights int8, with ranges calibrated (min/max) on `images`, each put through
@@ -282,9 +269,8 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, images: list[s
             machine that moved maps of the shipped model by up to 85 gray levels (docs/PERFORMANCE.md).
         quant_format: "qdq" (QuantizeLinear/DequantizeLinear pairs around float ops, fused by onnxruntime) or
             "qoperator" (QLinearConv and friends).
-        cache: also copy the graph to the cache entry of the weights it was made from (`predictor.int8_cache_path`),
-            where `Predictor(backend="auto" | "int8")` finds it. Only a graph of the weights' own input convention
-            and logits, exported from a weights file (its SHA-256 in the metadata), is cached.
+
+    `pfanet export --int8` then copies the graph to the cache entry of its weights (`pfanet.runtime.cache_int8_graph`).
     """
     import onnx
     import onnxruntime as ort
@@ -298,9 +284,10 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, images: list[s
     if quant_format not in INT8_FORMATS:
         raise ValueError(f"quant_format must be one of {INT8_FORMATS}, got {quant_format!r}")
     src, dst = pathlib.Path(src), pathlib.Path(dst)
-    net = OnnxNetwork(src)
-    spec, meta, input_name = net.spec, net.meta, net.input_name
-    del net
+    source = onnx.load(str(src), load_external_data=False)
+    meta = parse_metadata({p.key: p.value for p in source.metadata_props}, src)
+    spec, input_name = InputSpec.from_dict(meta["input"]), source.graph.input[0].name
+    del source
 
     class Reader(CalibrationDataReader):
         """One preprocessed image per call; unreadable files are skipped with a warning."""
@@ -355,97 +342,12 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, images: list[s
                         "to INT8. Input convention and provenance in metadata_props (key 'pfanet').")
     onnx.checker.check_model(proto)
     atomic_write(dst, lambda tmp: onnx.save(proto, tmp))
-    if cache and meta.get("weights_sha256") and meta["output"] == "logits" and meta["input"] == meta["weights_input"]:
-        from .predictor import int8_cache_path
-
-        entry = int8_cache_path(meta["weights_sha256"])
-        atomic_write(entry, lambda tmp: shutil.copyfile(dst, tmp))
-        log.info("cached %s as %s: --backend auto uses it on CPUs with VNNI or AMX, --backend int8 anywhere", dst,
-                 entry)
     return dst
 
 
-def map_differences(reference, candidate, images: list[str | os.PathLike]) -> tuple[float, float]:
-    """Max and mean |difference|, in gray levels, between two `Predictor`s' maps of the same images (e.g. an INT8
-    graph against the PyTorch weights it came from)."""
-    diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16))
-             for a, b in zip(reference.predict_batch(images), candidate.predict_batch(images))]
-    return float(max(d.max() for d in diffs)), float(np.mean([d.mean() for d in diffs]))
-
-
-class OnnxNetwork(nn.Module):
-    """An exported PFANet graph run by onnxruntime, standing in for the PyTorch network behind `Predictor.logits`.
-
-    It returns logits whatever the graph outputs (a probability graph's output goes back through torch.logit), so
-    `pfanet.transforms.postprocess` is used unchanged.
-    """
-
-    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu", threads: int | None = None,
-                 optimized: str | os.PathLike | None = None):
-        super().__init__()
-        self.path = pathlib.Path(path)
-        self.session = self.session_for(self.path, torch.device(device), threads, optimized)
-        self.meta = read_metadata(self.session, self.path)
-        self.spec = InputSpec.from_dict(self.meta["input"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    @staticmethod
-    def session_for(path: str | os.PathLike, device: torch.device, threads: int | None = None,
-                    optimized: str | os.PathLike | None = None):
-        """An onnxruntime session on `device` (CUDA when asked for and available, else CPU), with `threads`
-        intra-op threads (None: onnxruntime's default, one per physical core).
-
-        `optimized` (CPU only) keeps onnxruntime's optimised graph, most of a session's start-up: loaded as it is
-        when the file exists, else written by this session for the next one. It holds layouts chosen for this CPU
-        and onnxruntime version, so its name must say which (`pfanet.predictor.optimized_path`).
-        """
-        import onnxruntime as ort
-
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-            optimized = None
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        # Threads sleep between operators instead of spinning: the spinning took the cores from the rest of the
-        # process (decoding, PNG writing) and from other processes (24 photos: 16.3 s -> 14.7 s, docs/PERFORMANCE.md).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if optimized is not None and os.path.isfile(optimized):
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once already
-            try:
-                return ort.InferenceSession(str(optimized), options, providers=providers)
-            except Exception as e:  # noqa: BLE001 -- a damaged file: optimise the graph again
-                log.warning("%s: not used (%s); optimising %s again", optimized, type(e).__name__, path)
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        tmp = None
-        if optimized is not None:
-            with contextlib.suppress(OSError):  # a read-only cache: no optimised copy
-                pathlib.Path(optimized).parent.mkdir(parents=True, exist_ok=True)
-                tmp = f"{optimized}.{os.getpid()}.tmp"
-                options.optimized_model_filepath = tmp
-                options.log_severity_level = 3  # not its warning that the file is hardware-specific: it is named so
-        try:
-            session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
-            if tmp is not None:
-                pathlib.Path(tmp).unlink(missing_ok=True)
-            raise WeightsError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.replace(tmp, optimized)
-        return session
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
-        y = torch.from_numpy(out)
-        # logit(sigmoid(z)) is z up to float rounding; saturated probabilities give +-inf, which sigmoid maps back
-        return torch.logit(y.double()).float() if self.meta["output"] == "probability" else y
-
-
-def read_metadata(session, path: str | os.PathLike) -> dict:
-    """The pfanet metadata of an onnxruntime session's model; an error naming the file when it is not ours."""
-    props = session.get_modelmeta().custom_metadata_map
+def parse_metadata(props: Mapping[str, str], path: str | os.PathLike) -> dict:
+    """The pfanet metadata among a graph's metadata_props (key -> value); an error naming the file when it is not
+    ours or is damaged."""
     if META_KEY not in props:
         raise WeightsError(f"{path}: ONNX model without pfanet metadata (export one with `pfanet export`)")
     try:
@@ -458,10 +360,9 @@ def read_metadata(session, path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_onnx(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[OnnxNetwork, InputSpec, dict]:
-    """An exported .onnx -> (network for `Predictor`, the input convention of the graph, its metadata)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such ONNX file")
-    net = OnnxNetwork(path, device)
-    return net, net.spec, net.meta
+def graph_metadata(path: str | os.PathLike) -> dict:
+    """The pfanet metadata of an .onnx file, read without its weights."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return parse_metadata({p.key: p.value for p in proto.metadata_props}, path)

@@ -1,16 +1,22 @@
-"""Image and mask decoding: the one place where files become arrays."""
+"""Image and mask decoding, the one place where files become arrays; and `atomic_write`, the one way the package
+writes a file (outputs, weights, graphs, run state) whole or not at all."""
 
 from __future__ import annotations
 
 import io
 import os
 import pathlib
+import secrets
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
 # Images above this many pixels are refused before decoding (a decompression bomb would otherwise exhaust memory).
+# This is the limit for files a user hands to a command (predict, evaluate, training data: 100 MP decode to 300 MB
+# of RGB, one or a few at a time). The server has its own, lower default (`pfanet.serve.MAX_PIXELS`, 50 MP; `pfanet
+# serve --max-pixels`), since uploads come from anyone and up to --max-queue of them are decoded at once.
 MAX_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = None  # we check ourselves, with a clearer message than PIL's warning/error
 
@@ -113,3 +119,24 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[path
     folder = pathlib.Path(folder)
     it = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def atomic_write(path: str | os.PathLike, content: bytes | Callable[[str], object]) -> None:
+    """Write `path` whole or not at all: `content` (bytes, or a function that writes a file at the path it is given)
+    goes to a temporary name beside it, renamed into place once complete.
+
+    An interrupted run never leaves a half-written file that would count as done (`pfanet predict` skips inputs whose
+    outputs exist; a resumed training reads state.pt), and a writer that raises leaves the old file, if any, as it
+    was. The file gets the usual permissions (the umask's), as one written directly would.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # unique across threads too
+    try:
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            tmp.write_bytes(content)
+        else:
+            content(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -13,7 +13,8 @@ class PredictOptions:
     """Args:
         weights: a weights file (.safetensors, official .h5, .pth or an exported .onnx); None: the shipped model.
         device: "cpu", "cuda", ... (None: cuda when available).
-        backend: "auto", "torch" or "onnxruntime" (see `pfanet.predictor.Predictor`).
+        backend: "auto", "torch", "onnxruntime" or "int8" (`pfanet.runtime.BACKENDS`; see
+            `pfanet.predictor.Predictor`).
         batch_size: images per forward pass.
         kinds: the outputs to write, from `pfanet.outputs.OUTPUT_KINDS`.
         fmt: "png" or "webp".

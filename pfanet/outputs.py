@@ -2,7 +2,9 @@
 overlay; how they are encoded and written; and batch prediction over files and folders (`pfanet predict`).
 
 Every rendering starts from the uint8 map `Predictor` returns (already at the image's size) and the decoded RGB image,
-so the server, the CLI and the Python API all produce the same pixels.
+so the server, the CLI and the Python API all produce the same pixels. The four prediction paths (files and folders,
+stdin, the HTTP server, Ray) decode with `pfanet.io.load_image` and hand the images to one pipeline,
+`predict_outputs` (predict -> render -> encode); each then delivers the bytes its own way.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .io import IMAGE_EXTENSIONS, ImageError, list_images, load_image
+from .io import IMAGE_EXTENSIONS, ImageError, atomic_write, list_images, load_image
 
 OUTPUT_KINDS = ("map", "mask", "edge", "cutout", "overlay")
 # File name suffix after the input's stem: <stem>.png, <stem>_mask.png, ...
 SUFFIXES = {"map": "", "mask": "_mask", "edge": "_edge", "cutout": "_cutout", "overlay": "_overlay"}
 FORMATS = ("png", "webp")
-MEDIA_TYPES = {"png": "image/png", "webp": "image/webp"}
+MEDIA_TYPES = {"png": "image/png", "webp": "image/webp"}  # the server answers in png (pfanet.serve)
 OVERLAY_COLOUR = np.array([255, 40, 40], np.float32)  # salient pixels are tinted red ...
 OVERLAY_STRENGTH = 0.55  # ... by at most this much, in proportion to the map
 
@@ -97,15 +99,30 @@ def encode(image: np.ndarray, fmt: str = "png") -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """Write via a temporary file and a rename, so an interrupted run never leaves a half file that looks done."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """One image's outputs, ready to deliver: the image's size, the mask threshold used, each kind's encoded bytes."""
+
+    width: int
+    height: int
+    threshold: float  # the one given, or the adaptive threshold of this map
+    files: dict[str, bytes]  # kind -> PNG or WebP bytes, in the order asked
+
+
+def predict_outputs(predictor, rgbs: Sequence[np.ndarray], kinds: Sequence[str], fmt: str = "png",
+                    threshold: float | None = None) -> list[Rendered]:
+    """Decoded (H, W, 3) images -> their outputs, encoded: one forward pass, then render and encode each.
+
+    The pipeline every prediction path shares (`predict_files`, `predict_bytes`, the server, the Ray mapper); they
+    differ only in how images arrive and where the bytes go.
+    """
+    maps = predictor.predict_rgb(rgbs)
+    out = []
+    for rgb, saliency in zip(rgbs, maps, strict=True):
+        images = render(rgb, saliency, kinds, threshold)
+        used = adaptive_threshold(saliency) if threshold is None else float(threshold)
+        out.append(Rendered(rgb.shape[1], rgb.shape[0], used, {k: encode(v, fmt) for k, v in images.items()}))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,12 +264,12 @@ def predict_files(predictor, jobs: Sequence[Job], out_dir: str | os.PathLike, ki
                     fail(str(rgb))
                 else:
                     good.append((job, rgb))
-            maps = predictor.predict_rgb([rgb for _, rgb in good])
-            for (job, rgb), saliency in zip(good, maps):
+            rendered = predict_outputs(predictor, [rgb for _, rgb in good], kinds, fmt, threshold)
+            for (job, _), result in zip(good, rendered, strict=True):
                 try:
                     paths = output_paths(out_dir, job.name, kinds, fmt)
-                    for kind, image in render(rgb, saliency, kinds, threshold).items():
-                        write_atomic(paths[kind], encode(image, fmt))
+                    for kind, data in result.files.items():
+                        atomic_write(paths[kind], data)
                 except OSError as e:
                     fail(f"{job.source}: cannot write outputs ({e})")
                     continue
@@ -264,9 +281,7 @@ def predict_files(predictor, jobs: Sequence[Job], out_dir: str | os.PathLike, ki
 def predict_bytes(predictor, data: bytes, kind: str = "map", fmt: str = "png", threshold: float | None = None,
                   name: str = "<stdin>") -> bytes:
     """Encoded image bytes -> one encoded output (stdin to stdout)."""
-    rgb = load_image(data, name=name)
-    saliency = predictor.predict_rgb([rgb])[0]
-    return encode(render(rgb, saliency, [kind], threshold)[kind], fmt)
+    return predict_outputs(predictor, [load_image(data, name=name)], [kind], fmt, threshold)[0].files[kind]
 
 
 def predict_paths(inputs: Sequence[str], out_dir: str | os.PathLike, make_predictor, kinds: Sequence[str] = ("map",),

@@ -21,15 +21,14 @@ In your own pipeline:
 from __future__ import annotations
 
 import os
-import pathlib
 import posixpath
 from collections.abc import Sequence
 
 import numpy as np
 
-from .io import IMAGE_EXTENSIONS, ImageError, load_image
+from .io import IMAGE_EXTENSIONS, ImageError, atomic_write, load_image
 from .options import PredictOptions
-from .outputs import SUFFIXES, encode, render, write_atomic
+from .outputs import SUFFIXES, predict_outputs
 
 
 def filesystem(location: str):
@@ -98,7 +97,7 @@ class PFANetMapper:
         threshold: mask threshold 0..255 (None: adaptive).
         device: "cpu", "cuda", ... (default: cuda when the actor has a GPU).
         batch_size: images per forward pass.
-        backend: "auto", "torch" or "onnxruntime" (see `Predictor`).
+        backend: "auto", "torch", "onnxruntime" or "int8" (`pfanet.runtime.BACKENDS`; see `Predictor`).
         flip: average each map with its mirror image's (see `Predictor`).
     """
 
@@ -123,11 +122,11 @@ class PFANetMapper:
                 rgbs[i] = load_image(bytes(raw) if raw is not None else self._read(path), name=path)
             except (ImageError, OSError) as e:
                 errors[i] = str(e) if isinstance(e, ImageError) else f"{path}: cannot read ({e})"
-        for i, saliency in zip(rgbs, self.predictor.predict_rgb(list(rgbs.values()))):
+        rendered = predict_outputs(self.predictor, list(rgbs.values()), self.kinds, self.fmt, self.threshold)
+        for i, result in zip(rgbs, rendered, strict=True):
             try:
                 for kind, rel in output_names(names[i], self.kinds, self.fmt).items():
-                    image = render(rgbs[i], saliency, [kind], self.threshold)[kind]
-                    self._write(posixpath.join(self.root, rel), encode(image, self.fmt))
+                    self._write(posixpath.join(self.root, rel), result.files[kind])
             except OSError as e:
                 errors[i] = f"{paths[i]}: cannot write outputs ({e})"
         return {"path": np.array(paths, dtype=object), "error": np.array(errors, dtype=object)}
@@ -144,7 +143,7 @@ class PFANetMapper:
 
         self.fs.create_dir(posixpath.dirname(path), recursive=True)
         if isinstance(self.fs, pafs.LocalFileSystem):
-            write_atomic(pathlib.Path(path), data)
+            atomic_write(path, data)
             return
         with self.fs.open_output_stream(path) as f:
             f.write(data)

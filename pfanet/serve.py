@@ -36,13 +36,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .io import ImageError, ImageTooLarge, load_image
 from .options import PredictOptions
-from .outputs import OUTPUT_KINDS, adaptive_threshold, encode, parse_kinds, render
+from .outputs import MEDIA_TYPES, OUTPUT_KINDS, Rendered, parse_kinds, predict_outputs
 from .predictor import Predictor
 
 STATIC = pathlib.Path(__file__).parent / "static"
 # Swagger UI's bundle, shipped by fastapi-offline: /docs loads it from this server, not from a CDN
 DOCS_STATIC = pathlib.Path(fastapi_offline.__file__).parent / "static"
-MAX_PIXELS = 50_000_000  # a 50 MP photo decodes to 150 MB of RGB; beyond that, resize before uploading
+# Uploads above this many pixels get 413 before decoding. Lower than `pfanet.io.MAX_PIXELS` (100 MP, the limit for
+# files a user gives a command): uploads come from anyone, and up to max_queue of them are decoded at once; a 50 MP
+# photo decodes to 150 MB of RGB, so 8 in flight stay near 1.2 GB. Beyond that, resize before uploading.
+MAX_PIXELS = 50_000_000
 # The page and its script come from this server only; blob: URLs carry the results to <img> and the download links.
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
             "connect-src 'self' blob:; object-src 'none'; base-uri 'none'; form-action 'none'")
@@ -51,7 +54,9 @@ OutputKind = Literal[OUTPUT_KINDS]  # type: ignore[valid-type]
 Threshold = Annotated[float | None, Query(ge=0, le=255, description="mask threshold 0..255; default adaptive "
                                                                     "(2 x the map's mean, clipped to [1, 255])")]
 Upload = Annotated[UploadFile, File(description="the image (JPEG, PNG, WebP, TIFF, BMP, GIF ...)")]
-PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "the rendered PNG"}}
+# The server answers in PNG only (lossless, and what every browser shows); WebP is for files (`--format webp`).
+FORMAT = "png"
+PNG_RESPONSE = {200: {"content": {MEDIA_TYPES[FORMAT]: {}}, "description": "the rendered PNG"}}
 ERRORS = {413: {"description": "upload or image too large"}, 415: {"description": "not a decodable image"},
           503: {"description": "busy, retry"}, 504: {"description": "took too long"}}
 
@@ -88,7 +93,8 @@ class UploadLimit:
 
 
 class Service:
-    """The model and the limits: runs one upload through decode -> predict -> render -> PNG in a worker thread."""
+    """The model and the limits: runs one upload through decode -> `pfanet.outputs.predict_outputs` (predict ->
+    render -> PNG) in a worker thread."""
 
     def __init__(self, predictor: Predictor, max_pixels: int, timeout_s: float, max_queue: int):
         self.predictor, self.max_pixels, self.timeout_s = predictor, max_pixels, timeout_s
@@ -96,15 +102,11 @@ class Service:
         self.slots = threading.BoundedSemaphore(max_queue)
         self.pool = ThreadPoolExecutor(max_queue, thread_name_prefix="pfanet-predict")
 
-    def _work(self, data: bytes, kinds: tuple[str, ...], threshold: float | None) -> dict:
+    def _work(self, data: bytes, kinds: tuple[str, ...], threshold: float | None) -> Rendered:
         rgb = load_image(data, name="upload", max_pixels=self.max_pixels)
-        saliency = self.predictor.predict_rgb([rgb])[0]
-        images = render(rgb, saliency, kinds, threshold)
-        return {"width": rgb.shape[1], "height": rgb.shape[0],
-                "threshold": adaptive_threshold(saliency) if threshold is None else threshold,
-                "png": {k: encode(v, "png") for k, v in images.items()}}
+        return predict_outputs(self.predictor, [rgb], kinds, FORMAT, threshold)[0]
 
-    async def run(self, upload: UploadFile, kinds: tuple[str, ...], threshold: float | None) -> dict:
+    async def run(self, upload: UploadFile, kinds: tuple[str, ...], threshold: float | None) -> Rendered:
         data = await upload.read()
         if not self.slots.acquire(blocking=False):
             raise HTTPException(503, f"busy: {self.max_queue} images are already being processed; retry shortly",
@@ -184,8 +186,8 @@ def create_app(predictor: Predictor, max_upload_mb: float = 20, max_pixels: int 
     async def predict(file: Upload, output: OutputKind = "map", threshold: Threshold = None) -> Response:
         """One rendering of the uploaded image as PNG, at the image's size (EXIF orientation applied)."""
         result = await service.run(file, (output,), threshold)
-        return Response(result["png"][output], media_type="image/png",
-                        headers={"X-Threshold": f"{result['threshold']:.2f}"})
+        return Response(result.files[output], media_type=MEDIA_TYPES[FORMAT],
+                        headers={"X-Threshold": f"{result.threshold:.2f}"})
 
     @app.post("/predict/all", responses=ERRORS)
     async def predict_all(file: Upload, threshold: Threshold = None,
@@ -197,8 +199,8 @@ def create_app(predictor: Predictor, max_upload_mb: float = 20, max_pixels: int 
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
         result = await service.run(file, kinds, threshold)
-        return {"width": result["width"], "height": result["height"], "threshold": round(result["threshold"], 2),
-                "images": {k: base64.b64encode(v).decode() for k, v in result["png"].items()}}
+        return {"width": result.width, "height": result.height, "threshold": round(result.threshold, 2),
+                "images": {k: base64.b64encode(v).decode() for k, v in result.files.items()}}
 
     return app
 

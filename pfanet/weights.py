@@ -21,7 +21,6 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 
@@ -31,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .io import atomic_write  # also what pfanet.training.state imports from here
 from .model import VGG16_CONVS, PFANet, PFANetConfig
 from .transforms import HED_INPUT, IMAGENET_INPUT, OFFICIAL_INPUT, PORT_INPUT, InputSpec
 
@@ -72,20 +72,6 @@ def save_checkpoint(
         "training": training or {},
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"pfanet": json.dumps(meta)}))
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

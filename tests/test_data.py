@@ -375,7 +375,7 @@ def test_bad_pairs_are_reported_with_their_path_and_dropped_from_the_batch(tmp_p
     ds = SaliencyDataset([good] + [pair for pair, _ in bad.values()], PLAIN, Augment())
     items = [ds[i] for i in range(len(ds))]
     assert items[0][2] is None
-    for (problem, (_, path)), (_, _, err) in zip(bad.items(), items[1:]):
+    for (problem, (_, path)), (_, _, err) in zip(bad.items(), items[1:], strict=True):
         assert err is not None and str(path) in err, problem
     assert "no such file" in items[1][2] and "10x10" in items[5][2]
     x, y, errors = collate(items[:3])
@@ -402,6 +402,8 @@ def test_workers_and_cache_give_the_same_samples(tmp_path, ecssd_pairs):
     for img, mask in pairs:
         img.unlink()
         mask.unlink()
+    assert len(reference) == 2  # 4 pairs in batches of 2: a loader that yields nothing would compare nothing
     for got in (batches(cached, 2), batches(cached, 0)):
-        assert all(torch.equal(a, b) for ref, new in zip(reference, got) for a, b in zip(ref, new))
+        assert all(torch.equal(a, b) for ref, new in zip(reference, got, strict=True)
+                   for a, b in zip(ref, new, strict=True))
     assert "no such file" in SaliencyDataset(pairs, spec)[0][2]  # the files really are gone

@@ -45,7 +45,7 @@ def scores(maps, masks):
     import py_sod_metrics as sod
 
     mae, fm = sod.MAE(), sod.FmeasureV2({"fm": sod.FmeasureHandler(with_dynamic=True, with_adaptive=False, beta=0.3)})
-    for m, g in zip(maps, masks):
+    for m, g in zip(maps, masks, strict=True):
         mae.step(pred=m, gt=g)
         fm.step(pred=m, gt=g)
     return mae.get_results()["mae"], float(np.max(fm.get_results()["fm"]["dynamic"]))
@@ -79,8 +79,8 @@ def test_default_model_beats_center_prior(ecssd_val_pairs):
     maps = predictor.predict_batch([p for p, _ in pairs])
     masks = [load_mask(m) for _, m in pairs]
     prior = [gaussian_prior(*g.shape) for g in masks]
-    assert all(m.shape == g.shape for m, g in zip(maps, masks))
-    assert all(load_image(p).shape[:2] == m.shape for (p, _), m in zip(pairs, maps))
+    assert all(m.shape == g.shape for m, g in zip(maps, masks, strict=True))
+    assert all(load_image(p).shape[:2] == m.shape for (p, _), m in zip(pairs, maps, strict=True))
     model_mae, model_f = scores(maps, masks)
     prior_mae, prior_f = scores(prior, masks)
     print(f"model MAE {model_mae:.4f} maxF {model_f:.4f}; prior MAE {prior_mae:.4f} maxF {prior_f:.4f}")

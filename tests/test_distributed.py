@@ -50,15 +50,13 @@ WORKER = textwrap.dedent("""
     options = TrainOptions(train=[sys.argv[1]], out=run_dir, val=[sys.argv[4]], workers=1, progress=False)
     results = pathlib.Path(sys.argv[3])
     if sys.argv[5:] == ["stop"]:  # one step; process 0 writes its files late, and run() must wait for them
-        import pfanet.train
-        atomic_write = pfanet.train.atomic_write
+        from pfanet.training import Callback
 
-        def late_write(path, write):
-            time.sleep(3)
-            atomic_write(path, write)
+        class LateWrite(Callback):
+            def on_save_checkpoint(self, trainer, state):  # process 0, just before it writes state.pt
+                time.sleep(3)
 
-        pfanet.train.atomic_write = late_write
-        trainer = Trainer(recipe, TrainOptions(**{**vars(options), "max_steps": 1}))
+        trainer = Trainer(recipe, TrainOptions(**{**vars(options), "max_steps": 1}), callbacks=[LateWrite()])
         trainer.run()
         (results / f"rank{trainer.rank}.stopped").write_text(str((pathlib.Path(run_dir) / "state.pt").is_file()))
         sys.exit()
@@ -154,11 +152,10 @@ SLOW_VALIDATION = textwrap.dedent("""
         (said / "validating").touch()
         time.sleep(600)
 
-    train.validate = slow_validate
     recipe = RECIPES["cpu-ecssd"].override(size=32, batch_size=2, epochs=1, dropout=False)
     options = train.TrainOptions(train=[sys.argv[1]], out=sys.argv[2], val=[sys.argv[3]], workers=0, progress=False,
                                  collective_timeout=float(sys.argv[4]))
-    trainer = train.Trainer(recipe, options)
+    trainer = train.Trainer(recipe, options, validate_fn=slow_validate)
     try:
         trainer.run()
     except Exception as e:

@@ -62,7 +62,7 @@ def test_quoted_figure_equals_its_file(doc, text, file, key):
     numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     found = NUMBER.findall(text)
     assert len(found) == len(numbers), f"{doc}: {text!r} quotes {found}, {file} {key} holds {values}"
-    for q, v in zip(found, numbers):
+    for q, v in zip(found, numbers, strict=True):
         assert quoted_equal(q, v), f"{doc}: {text!r} says {q}, {file} {key} holds {v}"
     for v in values:
         if isinstance(v, str):

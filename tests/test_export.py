@@ -19,7 +19,7 @@ from pfanet.io import load_image
 from pfanet.model import PFANet
 from pfanet.predictor import Predictor
 from pfanet.transforms import OFFICIAL_INPUT, preprocess
-from pfanet.weights import WeightsError, save_checkpoint
+from pfanet.weights import WeightsError, load_checkpoint, save_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -101,6 +101,39 @@ def test_deploy_doc_snippet_reproduces_the_predictor(checkpoint, exported, ecssd
     want = Predictor(checkpoint[0], device="cpu").predict(tmp_path / "photo.png")
     assert got.shape == want.shape
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_a_graph_that_outputs_nan_fails_the_check(weights, tmp_path, monkeypatch, capsys):
+    """NaN compares false with everything: `pfanet export` once tested `diff > 1e-4` and passed a graph computing NaN
+    (exit 0). The one check, `runtime.check_parity`, fails it there (exit 1) and in the fp32 cache (not cached)."""
+    import pfanet.export
+    import pfanet.export_weights
+    from pfanet.runtime import ParityError, check_parity
+
+    real = pfanet.export.export_onnx
+
+    def nan_graph(plan, path, meta=None, **kw):  # an exporter whose graph computes NaN (one weight is NaN)
+        real(plan, path, meta, **kw)
+        proto = onnx.load(str(path))
+        w = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+        w.CopyFrom(onnx.numpy_helper.from_array(np.full_like(onnx.numpy_helper.to_array(w), np.nan), w.name))
+        onnx.save(proto, str(path))
+        return pathlib.Path(path)
+
+    monkeypatch.setattr(pfanet.export_weights, "export_onnx", nan_graph)
+    out = tmp_path / "nan.onnx"
+    assert main(["export", "--weights", str(weights), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "max |difference| nan" in err and f"pfanet export: error: {out} differs from PyTorch by nan" in err
+    model, spec, _ = load_checkpoint(weights)
+    with pytest.raises(ParityError, match="differs from PyTorch by nan") as failed:
+        check_parity(pfanet.export.plan_export(model, spec), out)
+    assert np.isnan(failed.value.diff)
+
+    monkeypatch.setattr(pfanet.export, "export_onnx", nan_graph)
+    monkeypatch.setenv("PFANET_CACHE", str(tmp_path / "cache"))
+    predictor = Predictor(weights, device="cpu", backend="onnxruntime")
+    assert predictor.backend == "torch" and not list((tmp_path / "cache" / "onnx").glob("*.onnx"))
 
 
 def test_onnx_errors_name_the_file(tmp_path):

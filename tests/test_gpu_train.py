@@ -268,5 +268,5 @@ def test_packed_backbone_equals_the_hed_import(tmp_path):
     save_backbone("hed", tmp_path / "b.safetensors")
     a, b = PFANet(PFANetConfig()), PFANet(PFANetConfig())
     assert load_backbone(a, "hed") == HED_INPUT == load_backbone(b, str(tmp_path / "b.safetensors"))
-    for (k, x), y in zip(a.backbone.state_dict().items(), b.backbone.state_dict().values()):
+    for (k, x), y in zip(a.backbone.state_dict().items(), b.backbone.state_dict().values(), strict=True):
         torch.testing.assert_close(y, x.half().float(), msg=k)

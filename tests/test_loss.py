@@ -151,7 +151,7 @@ def test_edge_hold_loss_is_alpha_weighted(alpha):
     y = [1.0, 0.0, 1.0, 0.5]
     pred_edges = [max(0.0, t(8 * s[i] - (sum(s) - s[i]))) for i in range(4)]
     true_edges = [max(0.0, t(8 * y[i] - (sum(y) - y[i]))) for i in range(4)]
-    l_b = sum(bce(e, min(max(q, EPS), 1 - EPS)) for e, q in zip(true_edges, pred_edges)) / 4
+    l_b = sum(bce(e, min(max(q, EPS), 1 - EPS)) for e, q in zip(true_edges, pred_edges, strict=True)) / 4
     l_s = saliency_by_hand(1.12)
     got = edge_hold_loss(as_map(Z), as_map(Y), alpha=alpha).item()
     assert got == pytest.approx(alpha * l_s + (1 - alpha) * l_b, rel=1e-9)

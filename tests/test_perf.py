@@ -20,7 +20,8 @@ from pfanet import export, hardware
 from pfanet.cli import main
 from pfanet.export import calibration_images
 from pfanet.io import load_image, load_mask
-from pfanet.predictor import DEFAULT_WEIGHTS, Predictor, file_sha256, int8_cache_path, int8_path
+from pfanet.predictor import DEFAULT_WEIGHTS, Predictor
+from pfanet.runtime import file_sha256, int8_cache_path, int8_path
 from pfanet.weights import WeightsError, load_checkpoint, save_checkpoint
 
 onnx = pytest.importorskip("onnx")
@@ -86,7 +87,7 @@ def test_int8_maps_through_predictor_follow_fp32(weights, int8, ecssd_val_pairs)
     # fp32 reference: the PyTorch weights (the fp32 ONNX export equals them within 1e-4, tests/test_export.py)
     want = Predictor(weights, device="cpu").predict_batch(images)
     got = Predictor(int8, device="cpu").predict_batch(images)
-    for rgb, a, b in zip(images, want, got):
+    for rgb, a, b in zip(images, want, got, strict=True):
         assert b.shape == rgb.shape[:2] and b.dtype == np.uint8
         r = np.corrcoef(a.ravel().astype(np.float64), b.ravel().astype(np.float64))[0, 1]
         # On this random-weight net (AVX2, 7-bit weights), measured: r = 0.994-0.996, mean differences 4.05-4.46

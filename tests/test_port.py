@@ -24,8 +24,10 @@ from port_reference import PortSODModel, port_input, port_map, randomise
 
 from pfanet.cli import main
 from pfanet.data import training_sample
-from pfanet.export import check_parity, export_onnx, map_differences, plan_export, quantize_onnx
+from pfanet.export import export_onnx, plan_export, quantize_onnx
+from pfanet.export_weights import map_differences
 from pfanet.predictor import Predictor
+from pfanet.runtime import check_parity
 from pfanet.transforms import PORT_INPUT, padded_resize, preprocess
 from pfanet.weights import PORT_CONFIG, WeightsError, load_checkpoint
 
@@ -178,7 +180,7 @@ def test_onnx_export_and_int8_of_a_port_checkpoint(checkpoint, tmp_path):
     torch_predictor = Predictor(checkpoint, device="cpu", backend="torch")
     worst, _ = map_differences(torch_predictor, onnx_predictor, images)
     assert worst <= 1
-    int8 = quantize_onnx(graph, tmp_path / "port.int8.onnx", images, progress=False, cache=False)
+    int8 = quantize_onnx(graph, tmp_path / "port.int8.onnx", images, progress=False)
     _, mean = map_differences(torch_predictor, Predictor(int8, device="cpu"), images)
     assert mean < 8  # INT8 follows fp32 (random weights quantise worse than trained ones)
 

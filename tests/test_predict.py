@@ -20,7 +20,8 @@ from PIL import Image
 from reference import laplace_edges
 
 from pfanet import cli
-from pfanet.predictor import Predictor, _content_key
+from pfanet.predictor import Predictor
+from pfanet.runtime import content_key
 from pfanet.weights import WeightsError
 
 
@@ -79,7 +80,7 @@ def test_every_input_kind_gives_the_same_map_at_the_original_size(predictor, ima
 def test_batches_equal_one_by_one(predictor, images):
     batched = predictor.predict_batch(images)  # batch_size 3: a full batch and a partial one, of mixed sizes
     assert len(batched) == len(images)
-    for path, m in zip(images, batched):
+    for path, m in zip(images, batched, strict=True):
         assert_close_maps(m, predictor.predict(path))
 
 
@@ -356,7 +357,7 @@ def test_onnxruntime_backend_exports_once_and_matches_pytorch(weights, images, o
     torch_maps = Predictor(weights, device="cpu", backend="torch").predict_batch(images[:3])
     fast = Predictor(weights, device="cpu", backend="onnxruntime")
     assert fast.backend == "onnxruntime" and type(fast.model).__name__ == "OnnxNetwork"
-    graph = onnx_cache / "onnx" / f"{_content_key(pathlib.Path(weights))}.onnx"  # keyed by the weights' bytes
+    graph = onnx_cache / "onnx" / f"{content_key(pathlib.Path(weights))}.onnx"  # keyed by the weights' bytes
     assert fast.model.path == graph
     stamp = graph.stat().st_mtime_ns
     for want, got in zip(torch_maps, fast.predict_batch(images[:3]), strict=True):

@@ -100,7 +100,7 @@ def test_preprocess_of_a_flat_square_is_its_normalised_colour(side, colour, spec
     rgb = np.full((side, side, 3), colour, np.uint8)  # square: no padding, and resizing a constant keeps it
     x = preprocess(rgb, InputSpec(**{**spec.to_dict(), "size": 32}))
     ordered = colour if spec.channel_order == "RGB" else colour[::-1]
-    expected = [(c - m) / s for c, m, s in zip(ordered, spec.mean, spec.std)]
+    expected = [(c - m) / s for c, m, s in zip(ordered, spec.mean, spec.std, strict=True)]
     np.testing.assert_allclose(x.numpy(), np.broadcast_to(np.float32(expected)[:, None, None], x.shape), atol=1e-4)
 
 

@@ -180,7 +180,7 @@ def test_concurrent_requests_get_their_own_results(url, predictor, images):
     expected = [predictor.predict(p) for p in images]
     with ThreadPoolExecutor(len(images)) as pool:
         responses = list(pool.map(lambda p: post(url, p.read_bytes()), images))
-    for r, m in zip(responses, expected):
+    for r, m in zip(responses, expected, strict=True):
         np.testing.assert_array_equal(png(r), m)
 
 

@@ -25,11 +25,11 @@ import pytest
 import torch
 from PIL import Image
 
-import pfanet.train
 from pfanet.cli import main
+from pfanet.loss import training_loss
 from pfanet.model import VGG16_CONVS
 from pfanet.recipes import RECIPES, Recipe, Stage
-from pfanet.train import Trainer, TrainingStopped, TrainOptions, recipe_for_run, saved_rng_state
+from pfanet.training import Callback, Trainer, TrainingStopped, TrainOptions, recipe_for_run, saved_rng_state
 from pfanet.weights import hed_weights_path, read_checkpoint
 
 
@@ -88,7 +88,7 @@ def test_cosine_is_per_step_with_a_linear_warm_up():
 
 def test_weight_decay_spares_biases_and_norm_weights_unless_asked():
     from pfanet.model import PFANet, PFANetConfig
-    from pfanet.train import freeze_blocks, make_optimizer
+    from pfanet.training import freeze_blocks, make_optimizer
 
     model = PFANet(PFANetConfig())
     freeze_blocks(model, RECIPES["cpu-duts"].freeze_blocks)
@@ -228,7 +228,7 @@ def test_size_schedule_mid_epoch_validation_on_two_sources_and_resume(tmp_path, 
     out = tmp_path / "run"
     opts = {"val": [str(first), str(second)], "val_steps": 2, "val_limit": 2, "save_every": 1}
     trainer = Trainer(recipe, options(data, out, max_steps=3, **opts))
-    assert [len(p) for p in trainer.val_sets.values()] == [2, 2]
+    assert [len(p) for p in trainer.validation.sets.values()] == [2, 2]
     norms = [m for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.momentum == recipe.bn_momentum == 0.1 for m in norms)
     trainer.run()
@@ -344,18 +344,17 @@ def test_loss_falls_on_real_pairs(tmp_path, ecssd_pairs):
     assert np.mean(losses[-2:]) < 0.75 * losses[0], losses  # measured: 1.11 -> 0.63
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, ecssd_pairs, monkeypatch):
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, ecssd_pairs):
     data = write_list(tmp_path / "train.txt", ecssd_pairs(4))
-    real, calls = pfanet.train.training_loss, []
+    calls = []
 
     def nan_on_third_call(*args, **kwargs):
         calls.append(1)
-        loss = real(*args, **kwargs)
+        loss = training_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(pfanet.train, "training_loss", nan_on_third_call)
     with pytest.raises(TrainingStopped, match="at epoch 2 step 1;"):
-        Trainer(tiny_recipe(), options(data, tmp_path / "run")).run()
+        Trainer(tiny_recipe(), options(data, tmp_path / "run"), loss_fn=nan_on_third_call).run()
     state = load_state(tmp_path / "run")
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 2)  # the end of epoch 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -368,7 +367,7 @@ def test_bf16_and_channels_last_forced_on_the_cpu(tmp_path, ecssd_pairs):
     trainer = Trainer(tiny_recipe(epochs=1), options(data, tmp_path / "run", bf16=True, channels_last=True))
     before = trainer.model.fusion.weight.detach().clone()
     trainer.run()
-    assert trainer.epoch_steps == 1 and math.isfinite(trainer.epoch_loss)
+    assert trainer.state.epoch_steps == 1 and math.isfinite(trainer.state.epoch_loss)
     assert not torch.equal(before, trainer.model.fusion.weight)
     assert trainer.model.backbone.convs.conv4_1.weight.is_contiguous(memory_format=torch.channels_last)
     default = Trainer(tiny_recipe(), options(data, tmp_path / "default"))
@@ -535,9 +534,10 @@ def test_the_campaign_recipe_is_cpu_duts_192_plus_the_iou_term_for_longer():
     # continues the shipped model (--init): the same network, data handling and optimizer; what differs is the loss's
     # IoU term and the schedule's length. The paper's recipes keep the paper's loss.
     changed = RECIPES["cpu-duts-192"].differences(RECIPES["cpu-duts-iou"])
-    assert sorted(c.split(":")[0] for c in changed) == ["iou", "name", "stages"]
-    assert RECIPES["cpu-duts-iou"].iou == "soft"
+    assert sorted(c.split(":")[0] for c in changed) == ["ema", "iou", "name", "stages"]
+    assert RECIPES["cpu-duts-iou"].iou == "soft" and RECIPES["cpu-duts-iou"].ema == 0.99
     assert RECIPES["paper"].iou == RECIPES["official"].iou == "none"
+    assert RECIPES["paper"].ema == RECIPES["official"].ema == 0
     with pytest.raises(ValueError, match="iou 'dice' is not one of"):
         RECIPES["cpu-duts"].override(iou="dice")
 
@@ -547,12 +547,14 @@ def test_ema_is_validated_and_written_and_resumes_exactly(tmp_path, ecssd_pairs)
 
     data = write_list(tmp_path / "train.txt", ecssd_pairs(4))
     recipe = tiny_recipe(ema=0.5, epochs=1)  # 2 steps: ema = w0/4 + w1/4 + w2/2
-    trainer = Trainer(recipe, options(data, tmp_path / "whole"))
-    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     after = []
-    step = trainer.train_step
-    trainer.train_step = lambda *a: (step(*a), after.append({k: v.clone() for k, v in trainer.model.state_dict()
-                                                              .items()}))[0]
+
+    class Weights(Callback):  # the weights after each step
+        def on_train_step(self, trainer, loss, images):
+            after.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+
+    trainer = Trainer(recipe, options(data, tmp_path / "whole"), callbacks=[Weights()])
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.run()
     name = "fusion.weight"
     want = start[name] / 4 + after[0][name] / 4 + after[1][name] / 2
@@ -570,3 +572,156 @@ def test_ema_is_validated_and_written_and_resumes_exactly(tmp_path, ecssd_pairs)
         ModelEMA(trainer.model, 1.0)
     with pytest.raises(ValueError, match="ema 1.5 is outside"):
         tiny_recipe(ema=1.5)
+
+
+# ---- the parts: built without data, hooks, stop rules, the checkpoint format ----------------------------------------
+
+
+def test_pfanet_train_is_still_the_public_face():
+    import pfanet.train
+    import pfanet.training
+
+    for name in ("Trainer", "TrainOptions", "TrainingStopped", "recipe_for_run", "evenly_spaced", "validate",
+                 "saved_rng_state", "make_optimizer", "freeze_blocks", "SCHEDULE_FIELDS", "LOG_FIELDS", "EpochSampler"):
+        assert getattr(pfanet.train, name) is getattr(pfanet.training, name), name
+
+
+def test_a_network_optimizer_and_step_come_from_a_recipe_without_data():
+    from pfanet.training import TrainStep, build_model, make_optimizer
+
+    recipe = RECIPES["cpu-duts"].override(size=64, size_schedule="3:32")  # HED backbone, blocks 1-2 frozen
+    model, spec = build_model(recipe)
+    assert spec.size == 32 and spec.channel_order == "BGR"  # the first epoch's size, HED's convention
+    assert not model.backbone.convs.conv2_2.weight.requires_grad and model.backbone.convs.conv3_1.weight.requires_grad
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == recipe.bn_momentum for m in norms)
+    step = TrainStep(model, make_optimizer(model, recipe), recipe)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 32, 32, generator=generator), (torch.rand(2, 1, 32, 32, generator=generator) > 0.5).float()
+    frozen, trained = model.backbone.convs.conv1_1.weight.clone(), model.fusion.weight.clone()
+    model.train()
+    loss, images = step(x, y, 1.0)
+    assert math.isfinite(loss) and images == 2
+    assert torch.equal(frozen, model.backbone.convs.conv1_1.weight)
+    assert not torch.equal(trained, model.fusion.weight)
+    # A NaN/Inf loss stops before the weights change.
+    nan = TrainStep(model, step.optimizer, recipe, loss_fn=lambda *a: training_loss(*a) * float("nan"))
+    trained = model.fusion.weight.clone()
+    with pytest.raises(TrainingStopped, match="the loss became nan"):
+        nan(x, y, 1.0)
+    assert torch.equal(trained, model.fusion.weight)
+
+
+def test_every_per_epoch_random_stream_comes_from_one_seed_derivation():
+    from pfanet.training import EpochSampler, epoch_seed
+
+    # Pinned: the runs under way depend on these numbers (the order of their epochs, their dropout).
+    assert epoch_seed(7, 3) == 7 * 100_003 + 3
+    assert epoch_seed(7, 3, rank=1, offset=5) == 7 * 100_003 + 3 + 1_000_003 + 5
+    sampler = EpochSampler(10, seed=7)
+    sampler.set_position(epoch=3, start=0)
+    assert sampler.order() == torch.randperm(10, generator=torch.Generator().manual_seed(epoch_seed(7, 3))).tolist()
+
+
+@pytest.mark.parametrize(("save_steps", "stop_at"), [(0, 3), (1, 3), (0, 2)])
+def test_hooks_and_a_stop_rule_of_ones_own(tmp_path, ecssd_pairs, save_steps, stop_at):
+    """A callback sees every optimizer step, the steps within an epoch, the epoch's end, each checkpoint just before
+    it is written and the stop after its checkpoint; its own stop rule stops the run mid-epoch with one checkpoint,
+    whether or not a periodic one falls on the same step, or at an epoch's end after that end's checkpoint."""
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(4))  # 2 steps an epoch
+    out, calls = tmp_path / "run", []
+
+    class Recorder(Callback):
+        def on_fit_start(self, trainer):
+            calls.append("fit start")
+
+        def on_train_step(self, trainer, loss, images):
+            calls.append(f"train step {trainer.state.global_step + 1}: {images} images")
+
+        def wants_stop(self, trainer):
+            return trainer.state.global_step == stop_at
+
+        def on_step_end(self, trainer):
+            calls.append(f"step end {trainer.state.global_step}{', stopping' if trainer.stopping else ''}")
+
+        def on_epoch_end(self, trainer):
+            calls.append(f"epoch end {trainer.state.epoch}")
+
+        def on_save_checkpoint(self, trainer, state):
+            calls.append(f"save {state['global_step']}")
+
+        def on_stop(self, trainer):
+            calls.append(f"stop; state.pt at {load_state(out)['global_step']}")
+
+        def on_fit_end(self, trainer):
+            calls.append("fit end")
+
+    trainer = Trainer(tiny_recipe(), options(data, out, save_steps=save_steps), callbacks=[Recorder()])
+    trainer.run()
+    periodic = ["save 1"] if save_steps else []  # PeriodicCheckpoint's hook runs before the Recorder's
+    first_epoch = ["fit start", "train step 1: 2 images", *periodic, "step end 1", "train step 2: 2 images",
+                   "epoch end 1", "save 2"]
+    if stop_at == 2:
+        assert calls == [*first_epoch, "stop; state.pt at 2", "fit end"]
+    else:
+        assert calls == [*first_epoch, "train step 3: 2 images", *(["save 3"] if save_steps else []),
+                         "step end 3, stopping", *([] if save_steps else ["save 3"]), "stop; state.pt at 3",
+                         "fit end"]
+    assert trainer.stopped_by is None
+
+
+def test_the_time_budget_scores_the_run_where_it_got_to(tmp_path, ecssd_pairs, ecssd_val_pairs):
+    """--max-minutes (a rented machine's time): when it is up, the run stops mid-epoch with a validated row, the best
+    files and a checkpoint."""
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(4))
+    val = write_list(tmp_path / "val.txt", ecssd_val_pairs(1))
+    out = tmp_path / "run"
+    Trainer(tiny_recipe(), options(data, out, max_minutes=1e-6, val=[str(val)])).run()  # up after the first step
+    rows = read_log(out)
+    assert [(r["epoch"], int(r["step"])) for r in rows] == [("0.5", 1)]
+    assert 0 <= float(rows[0]["val_maxF"]) <= 1 and float(rows[0]["images_per_s"]) > 0
+    state = load_state(out)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 1) and state["best"] == float(rows[0]["val_maxF"])
+    assert (out / "best.safetensors").is_file() and (out / "best_mae.safetensors").is_file()
+
+
+STATE_FORMAT = pathlib.Path(__file__).parent / "data" / "state_pt_format.json"
+
+
+def describe(obj, key=None):
+    """A checkpoint's structure: keys, types, tensors' dtypes and shapes (of torch's optimizer state, the groups'
+    sizes and the per-parameter entries' names)."""
+    if key == "optimizer" and isinstance(obj, dict):
+        return {"param_groups": [len(g["params"]) for g in obj["param_groups"]],
+                "state": sorted({k for s in obj["state"].values() for k in s})}
+    if isinstance(obj, torch.Tensor):
+        return f"{str(obj.dtype).removeprefix('torch.')}{list(obj.shape)}"
+    if isinstance(obj, dict):
+        return {str(k): describe(v, k) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        if obj and all(type(v) is int for v in obj):
+            return f"{type(obj).__name__}[int x {len(obj)}]"
+        return [describe(v) for v in obj]
+    return type(obj).__name__
+
+
+def test_state_pt_keeps_the_format_earlier_runs_wrote(tmp_path, ecssd_pairs):
+    """A run folder written by an earlier version resumes exactly only while state.pt keeps its keys and what they
+    hold. tests/data/state_pt_format.json is the structure the trainer wrote before it was split into parts
+    (captured from that code with this test's runs and `describe`), beside last.safetensors' training metadata."""
+    data = write_list(tmp_path / "train.txt", ecssd_pairs(4))
+    want = json.loads(STATE_FORMAT.read_text())
+    recipes = {"cpu-ecssd": tiny_recipe(),
+               "cpu-duts-iou, ema": RECIPES["cpu-duts-iou"].override(size=32, batch_size=2, epochs=2, init="", ema=0.5)}
+    assert set(recipes) == set(want)
+    for name, recipe in recipes.items():
+        folder = tmp_path / name
+        Trainer(recipe, options(data, folder, max_steps=1)).run()
+        state = load_state(folder)
+        _, meta = read_checkpoint(folder / "last.safetensors")
+        got = {"state.pt": describe(state),
+               "last.safetensors training": {k: "dict" if k == "recipe" else describe(v)
+                                             for k, v in meta["training"].items()}}
+        assert list(got["state.pt"]) == list(want[name]["state.pt"]), name  # the same keys in the same order
+        assert got == want[name], name
+        assert state["recipe"] == recipe.to_json() and Recipe.from_dict(meta["training"]["recipe"]) == recipe

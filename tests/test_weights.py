@@ -504,7 +504,7 @@ def torchvision_features_index() -> list[int]:
 
 def torchvision_state(kernels) -> dict[str, torch.Tensor]:
     state = {"classifier.0.weight": torch.zeros(4, 8), "classifier.0.bias": torch.zeros(4)}  # ignored
-    for n, (_, kernel, bias) in zip(torchvision_features_index(), kernels):
+    for n, (_, kernel, bias) in zip(torchvision_features_index(), kernels, strict=True):
         state[f"features.{n}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
         state[f"features.{n}.bias"] = torch.from_numpy(bias)
     return state

@@ -235,7 +235,7 @@ def stage_site(dst: pathlib.Path) -> None:
     import importlib.util
 
     spec = importlib.util.find_spec("py_sod_metrics")
-    shutil.copytree(list(spec.submodule_search_locations)[0], dst / "site" / "py_sod_metrics",
+    shutil.copytree(next(iter(spec.submodule_search_locations)), dst / "site" / "py_sod_metrics",
                     ignore=shutil.ignore_patterns("__pycache__"))
 
 

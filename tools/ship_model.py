@@ -10,7 +10,7 @@ The metadata keeps the checkpoint's own training record (recipe, epoch, seed, da
 validation log (every epoch's val MAE / max F from log.csv), the record of the checkpoint it was fine-tuned from
 (recipe `init`), what it was selected on, and a status line. fp16 halves the file (about 33 MB); predictions upcast.
 
-It then writes the model's INT8 graph beside it (OUT with .int8.onnx: `pfanet.predictor.int8_path`), which
+It then writes the model's INT8 graph beside it (OUT with .int8.onnx: `pfanet.runtime.int8_path`), which
 `--backend auto` runs on CPUs with VNNI or AMX: the fp32 export of the file just written, checked against PyTorch,
 statically quantised (`pfanet.export.quantize_onnx`), calibrated on the first --calibration-count images of
 --calibration (DUTS-TR train by default; never test images), with the SHA-256 of OUT in its metadata so that a graph
@@ -48,15 +48,9 @@ def val_log(run: pathlib.Path) -> list[dict]:
 
 def write_int8(weights: pathlib.Path, calibration: pathlib.Path, count: int) -> pathlib.Path:
     """The INT8 graph of `weights`, beside them; its fp32 source is checked against PyTorch first."""
-    from pfanet.export import (
-        PARITY_TOLERANCE,
-        calibration_images,
-        check_parity,
-        export_onnx,
-        plan_export,
-        quantize_onnx,
-    )
-    from pfanet.predictor import Predictor, int8_path
+    from pfanet.export import calibration_images, export_onnx, plan_export, quantize_onnx
+    from pfanet.predictor import Predictor
+    from pfanet.runtime import ParityError, check_parity, int8_path
 
     if "test" in calibration.name:
         raise SystemExit(f"{calibration}: calibrate on training images, never on a test list")
@@ -65,11 +59,12 @@ def write_int8(weights: pathlib.Path, calibration: pathlib.Path, count: int) -> 
     plan = plan_export(fp32_model.model, fp32_model.spec)
     with tempfile.TemporaryDirectory(prefix="ship-int8-") as tmp:
         fp32 = export_onnx(plan, pathlib.Path(tmp) / "fp32.onnx", fp32_model.meta)
-        diff = check_parity(plan, fp32)
-        if not diff <= PARITY_TOLERANCE:
-            raise SystemExit(f"the fp32 export differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g})")
-        out = quantize_onnx(fp32, int8_path(weights), images, cache=False)
-    out.chmod(0o644)  # a package file, readable by all (the atomic write made it 0600)
+        try:
+            check_parity(plan, fp32, name="the fp32 export")
+        except ParityError as e:
+            raise SystemExit(str(e)) from None
+        out = quantize_onnx(fp32, int8_path(weights), images)
+    out.chmod(0o644)  # a package file, readable by all whatever the umask
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): INT8 of {weights.name} (SHA-256 "
           f"{fp32_model.meta['weights_sha256'][:16]}...), calibrated on {len(images)} images of {calibration}",
           file=sys.stderr)
@@ -117,7 +112,7 @@ def main(argv=None) -> int:
     training["selected_on"] = args.selected_on
     training["status"] = args.status
     save_checkpoint(args.out, model, spec, training, dtype=torch.float16)
-    pathlib.Path(args.out).chmod(0o644)  # a package file, readable by all (the atomic write made it 0600)
+    pathlib.Path(args.out).chmod(0o644)  # a package file, readable by all whatever the umask
     print(f"wrote {args.out}: epoch {training.get('epoch')} of {training.get('recipe', {}).get('name')}, val "
           f"{training.get('val_scores')}", file=sys.stderr)
     if not args.no_int8:
