@@ -75,7 +75,7 @@ class Predictor:
             a model passed in memory always on PyTorch. `backend` and `backend_reason` say what was chosen and why
             (logged too). The choice is `pfanet.runtime.load_network`'s.
         flip: average each map with the map of the horizontally flipped image (test-time augmentation; the
-            network runs on twice the images). On the shipped model: ECSSD val max F 0.8407 -> 0.8523, DUTS-TR val
+            network runs on twice the images). On the model shipped 2026-11-30: ECSSD val max F 0.8407 -> 0.8523, DUTS-TR val
             (200) 0.8687 -> 0.8721, MAE about the same (docs/BENCHMARKS.md).
     """
 
