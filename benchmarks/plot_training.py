@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     ap.add_argument("runs", nargs="+", help="run folders holding log.csv")
     ap.add_argument("-o", "--out", help="PNG path (default FIRST_RUN/training_curve.png)")
     args = ap.parse_args(argv)
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))  # loss | max F | MAE: each on its own scale
     by_images = False
     for run in map(pathlib.Path, args.runs):
         with (run / "log.csv").open(newline="") as f:
@@ -49,8 +49,11 @@ def main(argv=None) -> None:
                 name = f"{run.name} {'val (first source)' if source == 'val' else source}"
                 vx = [xi for xi, _ in val]
                 ax[1].plot(vx, [float(r[f"{source}_maxF"]) for _, r in val], "o-", label=f"{name}: max F")
-                ax[1].plot(vx, [float(r[f"{source}_mae"]) for _, r in val], "s--", label=f"{name}: MAE")
-    ax[0].set_ylabel("loss (edge preservation loss + CA regulariser)")
+                ax[2].plot(vx, [float(r[f"{source}_mae"]) for _, r in val], "s--", label=f"{name}: MAE")
+    # the recipe's loss: edge preservation, plus an IoU term where the recipe has one, plus the CA regulariser
+    ax[0].set_ylabel("training loss (the recipe's)")
+    ax[1].set_ylabel("validation max F")
+    ax[2].set_ylabel("validation MAE")
     for a in ax:
         a.set_xlabel("images seen" if by_images else "epoch")
         a.legend(fontsize=8)
